@@ -1,0 +1,28 @@
+"""The built-in inference engine: `from engine import LLM, SamplingParams`.
+
+Heavy modules (torch) load on first use, so `engine.config` stays importable by the torch-free control plane.
+"""
+
+from typing import Any
+
+__all__ = ["LLM", "SamplingParams", "EngineConfig", "RequestOutput", "CompletionOutput"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "EngineConfig":
+        from engine.config import EngineConfig
+
+        return EngineConfig
+    if name in ("LLM",):
+        from engine.llm import LLM
+
+        return LLM
+    if name in ("SamplingParams",):
+        from engine.sampling_params import SamplingParams
+
+        return SamplingParams
+    if name in ("RequestOutput", "CompletionOutput"):
+        from engine import outputs
+
+        return getattr(outputs, name)
+    raise AttributeError(f"module 'engine' has no attribute {name!r}")

@@ -1,0 +1,136 @@
+"""EngineConfig: the one contract between the control plane and an engine replica.
+
+The compiler (`vdeploy/compiler.py`) resolves a recipe into an EngineConfig; `LLM(**kwargs)` builds one from keyword
+arguments; `python -m engine.server --config plan.json` reads one from JSON. Everything an engine replica needs is here,
+and nothing here needs torch, so the control plane can import this module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Runner = Literal["generate", "pooling"]
+Convert = Literal["none", "embed", "reward", "classify"]
+DType = Literal["float16", "bfloat16", "float32"]
+Device = Literal["cuda", "cpu"]
+
+
+class EngineConfigError(ValueError):
+    """A value in an EngineConfig is invalid; `field` names it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass
+class EngineConfig:
+    # What to load.
+    model: str  # local HF dir, GGUF file, HF hub id, or modelscope:<id>
+    served_model_name: str | None = None  # name clients use; defaults to `model`
+    tokenizer: str | None = None  # defaults to the model's own (a GGUF file carries one)
+    revision: str | None = None
+    download_dir: str | None = None
+    trust_remote_code: bool = False
+    runner: Runner = "generate"
+    convert: Convert = "none"
+    dtype: DType = "bfloat16"
+    quantization: str | None = None  # None, or gguf / awq / gptq / fp8 ...
+    device: Device = "cpu"
+
+    # Parallelism within one replica (data parallelism = replicas, owned by the supervisor).
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    distributed_executor_backend: str | None = None  # None (single process), "mp" or "ray"
+
+    # Memory and batching.
+    gpu_memory_utilization: float = 0.9
+    max_model_len: int = 2048
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    kv_cache_dtype: str = "auto"  # "auto" = same as dtype
+    # KV cache size in bytes. None on CUDA: sized by a profiling pass to gpu_memory_utilization. Required on CPU
+    # (the compiler always sets it; LLM(...) defaults it).
+    kv_cache_memory_bytes: int | None = None
+    swap_space: float = 0.0  # GiB of CPU memory for swapped-out KV blocks; 0 = preempt by recompute
+    cpu_offload_gb: float = 0.0
+
+    # Runtime behaviour.
+    enforce_eager: bool = False
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    seed: int = 0
+
+    # Serving.
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key_env: str | None = None  # name of the environment variable holding the API key
+    chat_template: str | None = None  # a path or an inline Jinja template; None = the model's own
+
+    # The compiler's memory prediction (bytes per GPU), logged next to what the engine measures. Keys follow
+    # `vdeploy plan --format json`'s `memory` table. Empty when the engine was started without a plan.
+    predicted_memory: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        checks: list[tuple[str, bool, str]] = [
+            ("model", bool(self.model), "must name a model"),
+            ("runner", self.runner in ("generate", "pooling"), "must be 'generate' or 'pooling'"),
+            ("convert", self.convert in ("none", "embed", "reward", "classify"), "must be none/embed/reward/classify"),
+            ("dtype", self.dtype in ("float16", "bfloat16", "float32"), "must be float16, bfloat16 or float32"),
+            ("device", self.device in ("cuda", "cpu"), "must be 'cuda' or 'cpu'"),
+            ("tensor_parallel_size", self.tensor_parallel_size >= 1, "must be >= 1"),
+            ("pipeline_parallel_size", self.pipeline_parallel_size >= 1, "must be >= 1"),
+            ("gpu_memory_utilization", 0 < self.gpu_memory_utilization <= 1, "must be in (0, 1]"),
+            ("max_model_len", self.max_model_len >= 1, "must be >= 1"),
+            ("max_num_seqs", self.max_num_seqs >= 1, "must be >= 1"),
+            ("max_num_batched_tokens", self.max_num_batched_tokens >= 1, "must be >= 1"),
+            ("block_size", self.block_size in (1, 2, 4, 8, 16, 32, 64, 128), "must be a power of two up to 128"),
+            ("swap_space", self.swap_space >= 0, "must be >= 0 GiB"),
+            ("cpu_offload_gb", self.cpu_offload_gb >= 0, "must be >= 0 GiB"),
+            ("port", 0 <= self.port <= 65535, "must be a TCP port (0-65535)"),
+        ]
+        if self.kv_cache_memory_bytes is not None:
+            checks.append(("kv_cache_memory_bytes", self.kv_cache_memory_bytes > 0, "must be > 0"))
+        if not self.enable_chunked_prefill:
+            checks.append(
+                (
+                    "max_num_batched_tokens",
+                    self.max_num_batched_tokens >= self.max_model_len,
+                    f"({self.max_num_batched_tokens}) must be >= max_model_len ({self.max_model_len}) "
+                    "when chunked prefill is off",
+                )
+            )
+        for name, ok, message in checks:
+            if not ok:
+                raise EngineConfigError(name, message)
+
+    @property
+    def name(self) -> str:
+        """The model name clients see."""
+        return self.served_model_name or self.model
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EngineConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise EngineConfigError(unknown[0], "unknown EngineConfig field")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> EngineConfig:
+        """Reads an EngineConfig, or a whole plan (`vdeploy plan --format json`) whose `engine` key holds one."""
+        data = json.loads(text)
+        if "engine" in data and isinstance(data["engine"], dict):
+            data = data["engine"]
+        return cls.from_dict(data)

@@ -1,0 +1,74 @@
+"""The attention layer every model uses, and the per-step metadata the model runner builds for it.
+
+A model never sees the scheduler: it gets a flat token batch, positions and an AttentionMetadata, and each Attention
+layer writes this step's keys and values into its slice of the paged KV cache (bound by the model runner as
+`k_cache`/`v_cache`), then attends over the cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import kernels
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] int64: where each token's K/V goes in the cache; -1 = not stored
+    seq_lens: torch.Tensor  # [B] int32: context length per sequence after this step
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    # [B+1] int32 query offsets into the flat batch. None for a decode-only batch (exactly one query per sequence),
+    # which takes the decode kernel and can be captured in a CUDA graph.
+    cu_seqlens_q: torch.Tensor | None = None
+
+    @property
+    def is_decode(self) -> bool:
+        return self.cu_seqlens_q is None
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query attention over the paged KV cache. Heads are this rank's heads."""
+
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scale: float,
+        sliding_window: int | None = None,
+        causal: bool = True,
+    ):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale, self.sliding_window, self.causal = scale, sliding_window, causal
+        self.k_cache: torch.Tensor | None = None  # [num_blocks, block_size, num_kv_heads, head_dim]
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """q [T, H*D], k/v [T, Hkv*D] -> [T, H*D]."""
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.k_cache is None:  # no cache bound (profiling run): attend within the batch
+            out = kernels.varlen_attention(q, k, v, meta.cu_seqlens_q, self.scale, self.causal, self.sliding_window)
+        else:
+            kernels.write_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+            if meta.is_decode:
+                out = kernels.paged_decode_attention(
+                    q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens, self.scale, self.sliding_window
+                )
+            else:
+                out = kernels.paged_prefill_attention(
+                    q,
+                    self.k_cache,
+                    self.v_cache,
+                    meta.block_tables,
+                    meta.cu_seqlens_q,
+                    meta.seq_lens,
+                    self.scale,
+                    self.sliding_window,
+                )
+        return out.flatten(1)

@@ -1,0 +1,25 @@
+"""Kernels used by the engine. Each module holds a pure-torch reference (the CPU path and the test oracle) and its
+Triton twin; the public function picks Triton for CUDA tensors and the reference otherwise.
+
+Shapes (T = tokens in a flat batch, B = sequences, H/Hkv = query/KV heads, D = head_dim):
+- KV cache per layer: key_cache and value_cache, each [num_blocks, block_size, Hkv, D].
+- slot_mapping [T] int64: block_id * block_size + offset, or -1 for a token whose KV is not stored.
+- block_tables [B, max_blocks] int32 (unused entries may hold any valid block id); seq_lens [B] int32: the context
+  length of each sequence *including* this step's tokens, all of which are already written to the cache.
+"""
+
+from kernels.activation import silu_and_mul
+from kernels.attention import paged_decode_attention, paged_prefill_attention, varlen_attention
+from kernels.kv_cache import write_kv_cache
+from kernels.rms_norm import rms_norm
+from kernels.rotary import apply_rotary
+
+__all__ = [
+    "apply_rotary",
+    "paged_decode_attention",
+    "paged_prefill_attention",
+    "rms_norm",
+    "silu_and_mul",
+    "varlen_attention",
+    "write_kv_cache",
+]
