@@ -5,7 +5,11 @@ KV head h // (H // Hkv). A key at position j is visible to a query at position i
 sliding window W, i - j < W.
 """
 
+import functools
+
 import torch
+import triton
+import triton.language as tl
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float) -> torch.Tensor:
@@ -90,10 +94,357 @@ def varlen_attention_ref(
     """Attention within each sequence of a flat batch, no cache: q [T, H, D], k/v [T, Hkv, D]."""
     out = torch.empty_like(q)
     starts = cu_seqlens.tolist()
-    for s, e in zip(starts[:-1], starts[1:]):
+    for s, e in zip(starts[:-1], starts[1:], strict=True):
         pos = torch.arange(e - s, device=q.device)
         out[s:e] = _attend(q[s:e], k[s:e], v[s:e], _visibility(pos, pos, causal, sliding_window), scale)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Triton. Scores live in the log2 domain (q·k * scale * log2(e), then exp2), the running max starts at a finite
+# -1e30 so a row that sees no key yet gets zero weights instead of NaN, and a row that never sees a key comes out 0.
+# The paged cache's last dim must be contiguous; block ids are widened to int64 before they scale a stride, since a
+# large cache has more elements than int32 can address.
+
+_LOG2E = 1.4426950408889634
+_NO_MAX = -1.0e30
+
+
+@triton.jit
+def _attend_keys(
+    acc, m_i, l_i, q, q_pos, lo, hi,
+    k_ptr, v_ptr, table_ptr, qk_scale, window,
+    stride_block, stride_slot, offs_d, d_mask,
+    BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, PAGED: tl.constexpr, CAUSAL: tl.constexpr,
+    SLIDING: tl.constexpr,
+):
+    """Online softmax of the rows of q [M, D] (at context positions q_pos [M]) over keys lo..hi-1, BLOCK_N at a time.
+    Paged: key j sits in block table_ptr[j // BLOCK_SIZE] at slot j % BLOCK_SIZE; flat: at row j of k_ptr/v_ptr."""
+    for start in range(lo, hi, BLOCK_N):
+        k_pos = start + tl.arange(0, BLOCK_N)
+        in_range = k_pos < hi
+        if PAGED:
+            block = tl.load(table_ptr + k_pos // BLOCK_SIZE, mask=in_range, other=0).to(tl.int64)
+            rows = block * stride_block + (k_pos % BLOCK_SIZE) * stride_slot
+        else:
+            rows = k_pos.to(tl.int64) * stride_slot
+        kv_mask = in_range[:, None] & d_mask[None, :]
+        k = tl.load(k_ptr + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+
+        visible = in_range[None, :]
+        if CAUSAL:
+            visible = visible & (k_pos[None, :] <= q_pos[:, None])
+        if SLIDING:
+            visible = visible & (q_pos[:, None] - k_pos[None, :] < window)
+        s = tl.where(visible, tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
+    out_ptr, part_out_ptr, part_max_ptr, part_sum_ptr,
+    qk_scale, window,
+    stride_qb, stride_qh, stride_ob, stride_oh, stride_block, stride_slot, stride_head, stride_table,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, SLIDING: tl.constexpr,
+):
+    """One program per (sequence, KV head, split): the GROUP query heads that share the KV head (padded to BLOCK_G
+    rows so tl.dot has M >= 16) attend over one contiguous share of the visible context. With NUM_SPLITS == 1 it
+    writes the output; otherwise unnormalised partials that _decode_reduce_kernel combines."""
+    seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    first = 0
+    if SLIDING:
+        first = tl.maximum(seq_len - window, 0)
+    per_split = tl.cdiv(tl.cdiv(seq_len - first, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = first + split * per_split
+    hi = tl.minimum(lo + per_split, seq_len)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    heads = kv_head * GROUP + offs_g
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    row_mask = (offs_g < GROUP)[:, None] & d_mask[None, :]
+    q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=row_mask, other=0.0)
+
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_G], _NO_MAX, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    # Every key in [lo, hi) is visible to the single query at seq_len - 1, so no causal or window mask is needed.
+    acc, m_i, l_i = _attend_keys(
+        acc, m_i, l_i, q, offs_g, lo, hi,
+        k_cache_ptr + kv_head * stride_head, v_cache_ptr + kv_head * stride_head,
+        block_tables_ptr + seq * stride_table, qk_scale, window,
+        stride_block, stride_slot, offs_d, d_mask,
+        BLOCK_N, BLOCK_SIZE, True, False, False,
+    )
+
+    if NUM_SPLITS == 1:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        out_ptrs = out_ptr + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_mask)
+    else:
+        part = (seq * GROUP * tl.num_programs(1) + heads) * NUM_SPLITS + split  # [B, H, NUM_SPLITS] row-major
+        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_mask)
+        tl.store(part_max_ptr + part, m_i, mask=offs_g < GROUP)
+        tl.store(part_sum_ptr + part, l_i, mask=offs_g < GROUP)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    part_out_ptr, part_max_ptr, part_sum_ptr, out_ptr, stride_ob, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """One program per (sequence, query head): rescale each split's partial to the global max and normalise."""
+    seq, head = tl.program_id(0), tl.program_id(1)
+    part = (seq * tl.num_programs(1) + head) * NUM_SPLITS + tl.arange(0, BLOCK_S)
+    s_mask = tl.arange(0, BLOCK_S) < NUM_SPLITS
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    m = tl.load(part_max_ptr + part, mask=s_mask, other=float("-inf"))
+    weight = tl.exp2(m - tl.max(m, 0))
+    total = tl.sum(weight * tl.load(part_sum_ptr + part, mask=s_mask, other=0.0), 0)
+    acc = tl.load(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], mask=s_mask[:, None] & d_mask[None, :])
+    out = tl.sum(weight[:, None] * acc, 0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(out_ptr + seq * stride_ob + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
+@triton.jit
+def _find_sequence(cu_seqlens_ptr, num_seqs, tile, BLOCK_M: tl.constexpr):
+    """The sequence that owns query tile `tile`, where sequence b's tiles start at cu_seqlens[b] // BLOCK_M + b
+    (a start that leaves room for every sequence's partial last tile): a binary search for the last start <= tile."""
+    lo = tile * 0
+    hi = lo + num_seqs - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        owns = tl.load(cu_seqlens_ptr + mid) // BLOCK_M + mid <= tile
+        lo = tl.where(owns, mid, lo)
+        hi = tl.where(owns, hi, mid - 1)
+    return lo
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, k_ptr, v_ptr, block_tables_ptr, cu_seqlens_q_ptr, seq_lens_ptr, out_ptr,
+    qk_scale, window, num_seqs,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_block, stride_slot, stride_head, stride_table,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, PAGED: tl.constexpr, CAUSAL: tl.constexpr,
+    SLIDING: tl.constexpr,
+):
+    """One program per (query tile of BLOCK_M tokens of one sequence, query head). The grid needs no host sync: it
+    covers T // BLOCK_M + B tiles, and a tile past its sequence's queries returns at once.
+    PAGED: keys come from the paged cache and the queries are the last q_len of seq_lens[b] positions.
+    Not PAGED: keys are k_ptr/v_ptr rows cu_seqlens_q[b]..cu_seqlens_q[b+1]-1, the same tokens as the queries."""
+    tile, head = tl.program_id(0), tl.program_id(1)
+    seq = _find_sequence(cu_seqlens_q_ptr, num_seqs, tile, BLOCK_M)
+    q_start = tl.load(cu_seqlens_q_ptr + seq)
+    q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
+    q_tile = tile - (q_start // BLOCK_M + seq)
+    if q_tile * BLOCK_M >= q_len:
+        return
+
+    kv_head = head // GROUP
+    if PAGED:
+        seq_len = tl.load(seq_lens_ptr + seq)
+        k_base = k_ptr + kv_head * stride_head
+        v_base = v_ptr + kv_head * stride_head
+    else:
+        seq_len = q_len
+        k_base = k_ptr + q_start.to(tl.int64) * stride_slot + kv_head * stride_head
+        v_base = v_ptr + q_start.to(tl.int64) * stride_slot + kv_head * stride_head
+
+    offs_m = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    row_mask = (offs_m < q_len)[:, None] & d_mask[None, :]
+    q_rows = (q_start + offs_m).to(tl.int64)
+    q = tl.load(q_ptr + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=row_mask, other=0.0)
+
+    first_pos = seq_len - q_len + q_tile * BLOCK_M  # context position of the tile's first query
+    lo = 0
+    hi = seq_len
+    if CAUSAL:
+        hi = tl.minimum(first_pos + BLOCK_M, seq_len)
+    if SLIDING:
+        lo = tl.maximum(first_pos - window + 1, 0)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], _NO_MAX, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc, m_i, l_i = _attend_keys(
+        acc, m_i, l_i, q, seq_len - q_len + offs_m, lo, hi,
+        k_base, v_base, block_tables_ptr + seq * stride_table, qk_scale, window,
+        stride_block, stride_slot, offs_d, d_mask,
+        BLOCK_N, BLOCK_SIZE, PAGED, CAUSAL, SLIDING,
+    )
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    out_ptrs = out_ptr + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_mask)
+
+
+# Tile sizes. 64 keys per step keeps several 16-byte loads in flight per thread at 4 warps; head_dim 256 halves it
+# so the K and V tiles of Triton's pipeline stages still fit in shared memory. Decode pads the query heads of a KV
+# group to 16 rows, the smallest tl.dot tile the GPU compiler accepts.
+_NUM_WARPS = 4
+_PREFILL_BLOCK_M = 64
+_MIN_DECODE_ROWS = 16
+_MAX_SPLITS = 64
+_MIN_SPLIT_TOKENS = 256
+
+
+def _block_n(head_dim: int) -> int:
+    return 64 if triton.next_power_of_2(head_dim) <= 128 else 32
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def _decode_splits(batch: int, num_kv_heads: int, context_capacity: int, device: torch.device) -> int:
+    """Enough splits of the context for about two programs per multiprocessor (batch 1 at long context would
+    otherwise leave most of the GPU idle), none shorter than _MIN_SPLIT_TOKENS of the block table's capacity.
+    Shapes only, no look at seq_lens: the choice is fixed for a CUDA graph."""
+    wanted = triton.cdiv(2 * _multiprocessors(device), batch * num_kv_heads)
+    return max(1, min(wanted, triton.cdiv(context_capacity, _MIN_SPLIT_TOKENS), _MAX_SPLITS))
+
+
+def _unit_stride(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _check_cache(key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
+    if key_cache.stride() != value_cache.stride() or key_cache.stride(-1) != 1:
+        raise ValueError("key_cache and value_cache need the same layout with a contiguous last dim")
+
+
+def _window(sliding_window: int | None) -> int:
+    return 0 if sliding_window is None else sliding_window
+
+
+def paged_decode_attention_triton(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    *,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """paged_decode_attention in Triton (flash-decoding): each sequence's context is cut into num_splits shares
+    (chosen from shapes when None) attended in parallel and combined by a second kernel."""
+    q = _unit_stride(q)
+    _check_cache(key_cache, value_cache)
+    batch, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = key_cache.shape
+    group = num_heads // num_kv_heads
+    block_n = _block_n(head_dim)
+    if num_splits is None:
+        num_splits = _decode_splits(batch, num_kv_heads, block_tables.shape[1] * block_size, q.device)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    part_shape = (batch, num_heads, num_splits)
+    part_out = torch.empty((*part_shape, head_dim), dtype=torch.float32, device=q.device) if num_splits > 1 else out
+    part_max = torch.empty(part_shape, dtype=torch.float32, device=q.device) if num_splits > 1 else out
+    part_sum = torch.empty(part_shape, dtype=torch.float32, device=q.device) if num_splits > 1 else out
+    block_d = triton.next_power_of_2(head_dim)
+    _decode_split_kernel[(batch, num_kv_heads, num_splits)](
+        q, key_cache, value_cache, block_tables, seq_lens, out, part_out, part_max, part_sum,
+        scale * _LOG2E, _window(sliding_window),
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), block_tables.stride(0),
+        GROUP=group, BLOCK_G=max(_MIN_DECODE_ROWS, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits,
+        SLIDING=sliding_window is not None, num_warps=_NUM_WARPS,
+    )
+    if num_splits > 1:
+        _decode_reduce_kernel[(batch, num_heads)](
+            part_out, part_max, part_sum, out, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
+            num_warps=_NUM_WARPS,
+        )
+    return out
+
+
+def _launch_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    causal: bool,
+    sliding_window: int | None,
+    paged: bool,
+) -> torch.Tensor:
+    q = _unit_stride(q)
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[-2]
+    num_seqs = cu_seqlens_q.shape[0] - 1
+    # Paged k/v are [num_blocks, block_size, Hkv, D]; flat ones [T, Hkv, D], read as one block of T slots.
+    block_size = k.shape[1] if paged else 1
+    stride_block = k.stride(0) if paged else 0
+    stride_slot = k.stride(1) if paged else k.stride(0)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    grid = (num_tokens // _PREFILL_BLOCK_M + num_seqs, num_heads)
+    _prefill_kernel[grid](
+        q, k, v, block_tables, cu_seqlens_q, seq_lens, out,
+        scale * _LOG2E, _window(sliding_window), num_seqs,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        stride_block, stride_slot, k.stride(-2), block_tables.stride(0),
+        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_M=_PREFILL_BLOCK_M, BLOCK_N=_block_n(head_dim), BLOCK_SIZE=block_size, PAGED=paged, CAUSAL=causal,
+        SLIDING=sliding_window is not None, num_warps=_NUM_WARPS,
+    )
+    return out
+
+
+def paged_prefill_attention_triton(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """paged_prefill_attention in Triton: causal flash attention whose keys are read through the block tables."""
+    _check_cache(key_cache, value_cache)
+    return _launch_prefill(
+        q, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens, scale, True, sliding_window, paged=True
+    )
+
+
+def varlen_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    scale: float,
+    causal: bool = True,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """varlen_attention in Triton: the prefill kernel with keys read from the flat batch instead of the cache."""
+    k, v = _unit_stride(k), _unit_stride(v)
+    if k.stride() != v.stride():  # the kernel reads both through k's strides
+        k, v = k.contiguous(), v.contiguous()
+    # block_tables and seq_lens are not read when the keys are flat; cu_seqlens stands in for both pointers.
+    return _launch_prefill(
+        q, k, v, cu_seqlens[None], cu_seqlens, cu_seqlens, scale, causal, sliding_window, paged=False
+    )
 
 
 def paged_decode_attention(
@@ -105,7 +456,8 @@ def paged_decode_attention(
     scale: float,
     sliding_window: int | None = None,
 ) -> torch.Tensor:
-    return paged_decode_attention_ref(q, key_cache, value_cache, block_tables, seq_lens, scale, sliding_window)
+    fn = paged_decode_attention_triton if q.is_cuda else paged_decode_attention_ref
+    return fn(q, key_cache, value_cache, block_tables, seq_lens, scale, sliding_window)
 
 
 def paged_prefill_attention(
@@ -118,9 +470,8 @@ def paged_prefill_attention(
     scale: float,
     sliding_window: int | None = None,
 ) -> torch.Tensor:
-    return paged_prefill_attention_ref(
-        q, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens, scale, sliding_window
-    )
+    fn = paged_prefill_attention_triton if q.is_cuda else paged_prefill_attention_ref
+    return fn(q, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens, scale, sliding_window)
 
 
 def varlen_attention(
@@ -132,4 +483,5 @@ def varlen_attention(
     causal: bool = True,
     sliding_window: int | None = None,
 ) -> torch.Tensor:
-    return varlen_attention_ref(q, k, v, cu_seqlens, scale, causal, sliding_window)
+    fn = varlen_attention_triton if q.is_cuda else varlen_attention_ref
+    return fn(q, k, v, cu_seqlens, scale, causal, sliding_window)
