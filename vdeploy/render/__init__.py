@@ -1,0 +1,103 @@
+"""Render a plan for engines and supervisors that already exist: a builtin or `vllm serve` command line, a systemd
+unit that runs vdeploy's own supervisor, or Kubernetes manifests (ConfigMap + Deployment + Service)."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from vdeploy.backends import builtin, vllm
+
+TARGETS = ("builtin", "vllm", "systemd", "k8s")
+DEFAULT_IMAGES = {"builtin": "vdeploy:latest", "vllm": "vllm/vllm-openai:latest"}
+K8S_PLAN_DIR = "/etc/vdeploy"  # where the ConfigMap with plan.json is mounted in the pod
+
+_templates = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
+    undefined=jinja2.StrictUndefined,
+    keep_trailing_newline=True,
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+
+
+class RenderError(Exception):
+    pass
+
+
+def engine_argv(plan: dict[str, Any], plan_path: str, host: str | None = None, port: int | None = None) -> list[str]:
+    """The argv that starts one replica of `plan` on `host:port` (the plan's own address by default)."""
+    engine = plan["engine"]
+    host, port = host or engine["host"], port or engine["port"]
+    if plan.get("backend", "builtin") == "vllm":
+        return vllm.argv(engine, host=host, port=port)
+    return builtin.argv(plan_path, host=host, port=port, python="python3")
+
+
+def render(
+    plan: dict[str, Any],
+    target: str,
+    *,
+    recipe_path: str | None = None,
+    plan_path: str | None = None,
+    image: str | None = None,
+) -> str:
+    """The text of `target` for `plan` (a Plan serialised with `model_dump(mode="json")`)."""
+    if target in ("builtin", "vllm"):
+        return _command_line(plan, target, plan_path or f"{plan['name']}.plan.json")
+    if target == "systemd":
+        if recipe_path is None:
+            raise RenderError("--target systemd needs the recipe file the unit will apply")
+        vdeploy = shutil.which("vdeploy") or f"{sys.executable} -m vdeploy.cli"
+        return _templates.get_template("systemd.service.j2").render(
+            plan=plan, recipe=str(Path(recipe_path).resolve()), vdeploy=vdeploy
+        )
+    if target == "k8s":
+        return _kubernetes(plan, image)
+    raise RenderError(f"unknown target {target!r}: use one of {', '.join(TARGETS)}")
+
+
+def _command_line(plan: dict[str, Any], target: str, plan_path: str) -> str:
+    if target != plan.get("backend", "builtin"):
+        plan = {**plan, "backend": target}
+    argv = engine_argv(plan, plan_path)
+    if target == "vllm" and plan.get("replicas", 1) > 1:
+        argv += ["--data-parallel-size", str(plan["replicas"])]  # vLLM runs its replicas itself
+    env = [f"{k}={shlex.quote(str(v))}" for k, v in sorted(plan.get("env", {}).items())]
+    api_key_env = plan["engine"].get("api_key_env")
+    if target == "vllm" and api_key_env:
+        env.append(f'VLLM_API_KEY="${{{api_key_env}}}"')  # from the variable the recipe names, not in the text
+    return " ".join(["env", *env, shlex.join(argv)] if env else [shlex.join(argv)]) + "\n"
+
+
+def _kubernetes(plan: dict[str, Any], image: str | None) -> str:
+    backend = plan.get("backend", "builtin")
+    engine = plan["engine"]
+    plan_path = f"{K8S_PLAN_DIR}/plan.json"
+    gpus = engine["tensor_parallel_size"] * engine["pipeline_parallel_size"] if engine["device"] == "cuda" else 0
+    return _templates.get_template("k8s.yaml.j2").render(
+        plan=plan,
+        name=plan["name"],
+        engine=engine,
+        argv=engine_argv(plan, plan_path, host="0.0.0.0"),
+        image=image or DEFAULT_IMAGES[backend],
+        plan_json=json.dumps(plan, indent=2, sort_keys=True) if backend == "builtin" else None,
+        plan_dir=K8S_PLAN_DIR,
+        gpus=gpus,
+        shared_memory=engine["tensor_parallel_size"] * engine["pipeline_parallel_size"] > 1,
+        health_path=(plan.get("health") or {}).get("path", "/health"),
+        startup_seconds=int(_timeout(plan)),
+        blue_green=(plan.get("rollout") or {}).get("strategy") == "blue_green",
+    )
+
+
+def _timeout(plan: dict[str, Any]) -> float:
+    from vdeploy.rollout import parse_duration
+
+    return parse_duration((plan.get("rollout") or {}).get("timeout"), default=600.0)

@@ -1,0 +1,147 @@
+"""Rollouts: bring up a revision's replicas, switch the router once they are ready, drain and stop the old ones.
+
+Also the root cause of a failed replica, dug out of its log: a person reading `vdeploy apply`'s output should learn
+"CUDA out of memory", not "initialization failed".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import time
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vdeploy.supervisor import Replica, Supervisor
+
+# Ordered: the first pattern found anywhere in the log's tail wins, so specific causes come before generic ones.
+# Each message may use the pattern's named groups.
+_CAUSES: list[tuple[re.Pattern[str], str]] = [
+    (
+        re.compile(r"(CUDA out of memory|torch\.(cuda\.)?OutOfMemoryError|CUBLAS_STATUS_ALLOC_FAILED)"),
+        "CUDA out of memory: lower memory.gpu_memory_utilization, max_model_len or max_num_seqs, or quantize",
+    ),
+    (
+        re.compile(
+            r"(Bfloat16 is only supported on GPUs with compute capability|bf16.*(not supported|SM ?7\.?5))", re.I
+        ),
+        "bfloat16 is not supported by this GPU (compute capability < 8.0, e.g. T4): set dtype: float16",
+    ),
+    (
+        re.compile(
+            r"(?P<what>[Aa]rchitectures?\b.{0,80}?) (is|are) not supported|[Uu]nsupported (model )?architecture[: ]+(?P<arch>\S+)"
+        ),
+        "model architecture not supported: {what}{arch}",
+    ),
+    (
+        re.compile(r"\[Errno 98\][^\n]*|[Aa]ddress already in use"),
+        "port already in use: another process is listening on the replica's port",
+    ),
+    (
+        re.compile(r"(FileNotFoundError|No such file or directory)[^\n]*?'(?P<path>[^']+)'"),
+        "model or file not found: {path}",
+    ),
+    (
+        re.compile(r"(Repository Not Found|is not a local folder and is not a valid model identifier)[^\n]*"),
+        "model not found (not a local path and not on the model hub): check `model`",
+    ),
+    (
+        re.compile(r"No module named '(?P<module>[^']+)'"),
+        "missing Python package: {module} (install it on the machine that runs the replica)",
+    ),
+    (
+        re.compile(r"(not enough memory|insufficient memory|No available memory for the cache blocks)[^\n]*", re.I),
+        "not enough memory for the KV cache: lower max_model_len or max_num_seqs, or raise gpu_memory_utilization",
+    ),
+]
+# The last line of a Python traceback: `SomeError: message`.
+_EXCEPTION_LINE = re.compile(r"^(?:[\w.]+\.)?(?P<line>\w*(Error|Exception|Exit)\b.*)$", re.M)
+
+
+def root_cause(log_text: str, returncode: int | None = None) -> str:
+    """One line saying why a replica failed, from the tail of its log and its exit status."""
+    tail = log_text[-20000:]
+    for pattern, message in _CAUSES:
+        match = pattern.search(tail)
+        if match:
+            groups = {k: v or "" for k, v in match.groupdict().items()}
+            return message.format(**groups)
+    exceptions = _EXCEPTION_LINE.findall(tail)
+    if exceptions:
+        return exceptions[-1][0].strip()[:300]
+    if returncode is not None and returncode < 0:
+        name = signal.Signals(-returncode).name
+        hint = " (killed by the kernel's OOM killer?)" if returncode == -signal.SIGKILL else ""
+        return f"replica killed by {name}{hint}"
+    if returncode is not None:
+        return f"replica exited with status {returncode} and no error in its log"
+    return "replica did not become ready (no error in its log)"
+
+
+def parse_duration(value: Any, default: float) -> float:
+    """Seconds from 300, 300.0, "300", "300s", "5m" or "1h"."""
+    if value is None:
+        return default
+    if isinstance(value, int | float):
+        return float(value)
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", str(value))
+    if not match:
+        raise ValueError(f"not a duration: {value!r} (use seconds, or e.g. 90s, 5m, 1h)")
+    return float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[match[2]]
+
+
+class RolloutFailed(Exception):
+    """The new revision could not become ready; the message is the root cause."""
+
+
+async def roll_out(supervisor: Supervisor, revision: int) -> str:
+    """Make `revision` the serving one. Returns the strategy used; raises RolloutFailed with the root cause.
+
+    Surge (start new, switch, drain old) keeps the old revision serving until the new one is ready, so a failure costs
+    nothing. It needs room: on CPU there always is; on GPUs only when enough are free. Otherwise `recreate` stops the
+    old replicas first and, if the new ones fail, starts the old revision again.
+    """
+    plan = supervisor.deployment.plan(revision)
+    timeout = parse_duration(plan.get("rollout", {}).get("timeout"), default=600.0)
+    old = [r for r in supervisor.replicas if r.revision != revision]
+    old_revision = supervisor.serving_revision
+
+    new = supervisor.create_replicas(revision, plan)
+    if new is not None:
+        strategy = "surge"
+    else:
+        strategy = "recreate"
+        await supervisor.retire(old)
+        new = supervisor.create_replicas(revision, plan)
+        assert new is not None, "the GPUs freed by the old revision must fit the new one"
+    supervisor.set_rollout(revision, phase="progressing", strategy=strategy)
+    try:
+        await wait_ready(supervisor, new, timeout)
+    except RolloutFailed:
+        await supervisor.retire(new)
+        if strategy == "recreate" and old_revision is not None:
+            restored = supervisor.create_replicas(old_revision, supervisor.deployment.plan(old_revision))
+            if restored:
+                await wait_ready(supervisor, restored, timeout)
+        raise
+    supervisor.serving_revision = revision
+    supervisor.publish()  # the router now sends new requests to the new revision only
+    await supervisor.retire([r for r in old if r in supervisor.replicas])
+    return strategy
+
+
+async def wait_ready(supervisor: Supervisor, replicas: list[Replica], timeout: float) -> None:
+    """Wait until every replica answers its health check; a crash or the timeout raises RolloutFailed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for replica in replicas:
+            if replica.process.poll() is not None:
+                raise RolloutFailed(replica.failure_reason())
+        if all(r.state == "ready" for r in replicas):
+            return
+        if time.monotonic() > deadline:
+            slow = next(r for r in replicas if r.state != "ready")
+            cause = root_cause(slow.log_tail()) if slow.log_tail() else "no output in its log"
+            raise RolloutFailed(f"replica {slow.index} not ready after {timeout:.0f}s (rollout.timeout); last: {cause}")
+        await asyncio.sleep(0.2)

@@ -1,0 +1,503 @@
+"""The supervisor: one process per deployment that runs its replicas, the router in front of them, and its rollouts.
+
+It runs one asyncio loop: the router (uvicorn), a 0.25 s tick that watches replicas (exit, health) and the desired
+revision, and at most one rollout task. Each replica runs in its own session (so its process group can be stopped as
+a whole) and gets SIGKILL from the kernel if the supervisor dies (PR_SET_PDEATHSIG), so nothing is orphaned even by
+`kill -9`; the next supervisor also stops any group recorded in status.json that is somehow still alive.
+
+`python -m vdeploy.supervisor NAME` runs it in the foreground; `start_detached` runs that in a new session.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+from vdeploy.backends import BackendUnavailable, replica_command, replica_env
+from vdeploy.rollout import RolloutFailed, roll_out, root_cause
+from vdeploy.router import Backend, PortInUse, Router, bind, serve
+from vdeploy.state import Deployment
+
+log = logging.getLogger("vdeploy.supervisor")
+
+TICK_S = 0.25
+HEALTH_INTERVAL_S = 2.0  # for ready replicas; starting ones are checked every tick
+UNHEALTHY_AFTER = 3  # consecutive failed health checks before a ready replica leaves the router
+STABLE_AFTER_S = 60.0  # a replica up this long after a restart is no longer crash-looping
+MAX_BACKOFF_S = 60.0
+CRASH_LOOP_AFTER = 3  # consecutive crashes within STABLE_AFTER_S of their start
+STOP_GRACE_S = 10.0  # SIGTERM, then SIGKILL after this long
+DRAIN_TIMEOUT_S = 60.0
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Runs in the replica between fork and exec: the kernel SIGKILLs it when the supervisor's thread exits."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_process_group(pid: int, grace: float = STOP_GRACE_S, create_time: float | None = None) -> None:
+    """SIGTERM the process group led by `pid`, SIGKILL it after `grace` s; waits until every member is gone.
+
+    With `create_time`, acts only if `pid` is still the process that was started then (pids get reused).
+    """
+    try:
+        leader = psutil.Process(pid)
+        if create_time is not None and abs(leader.create_time() - create_time) > 0.01:
+            return
+    except psutil.NoSuchProcess:
+        pass
+    members = _group_members(pid)
+    if not members:
+        return
+    _signal_group(pid, signal.SIGTERM)
+    _, alive = psutil.wait_procs(members, timeout=grace)
+    if alive:
+        _signal_group(pid, signal.SIGKILL)
+        psutil.wait_procs(alive, timeout=5)
+
+
+def _group_members(pgid: int) -> list[psutil.Process]:
+    members = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                members.append(proc)
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return members
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+@dataclass(eq=False)
+class Replica:
+    """One engine server process of one revision; restarted in place (same port and GPUs) when it crashes."""
+
+    revision: int
+    index: int
+    port: int
+    gpus: list[int] | None
+    argv: list[str]
+    env: dict[str, str]
+    log_path: Path
+    process: subprocess.Popen | None = None
+    state: str = "starting"  # starting | ready | unhealthy | crashed | failed | stopping
+    restarts: int = 0
+    quick_crashes: int = 0
+    ever_ready: bool = False
+    started_at: float = 0.0
+    ready_since: float = 0.0
+    restart_at: float = 0.0
+    next_health_at: float = 0.0
+    health_failures: int = 0
+    last_error: str | None = None
+    log_offset: int = 0
+    backend: Backend = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.backend = Backend(f"http://127.0.0.1:{self.port}", self.revision)
+
+    @property
+    def crash_loop(self) -> bool:
+        return self.quick_crashes >= CRASH_LOOP_AFTER
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as out:
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+            out.write(
+                f"--- vdeploy {stamp}: start revision {self.revision} replica {self.index} "
+                f"(restart {self.restarts}): {' '.join(self.argv)}\n".encode()
+            )
+            out.flush()
+            self.log_offset = out.tell()
+            self.process = subprocess.Popen(
+                self.argv,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group, stopped as a whole
+                preexec_fn=_die_with_parent,
+                close_fds=True,
+            )
+        self.state = "starting"
+        self.started_at = time.monotonic()
+        self.next_health_at = 0.0
+        self.health_failures = 0
+
+    def log_tail(self, limit: int = 20000) -> str:
+        """This attempt's output (since the last start), at most its last `limit` bytes."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(max(self.log_offset, f.seek(0, os.SEEK_END) - limit))
+                return f.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def failure_reason(self) -> str:
+        return root_cause(self.log_tail(), self.process.returncode if self.process else None)
+
+    def to_status(self) -> dict[str, Any]:
+        pid = self.process.pid if self.process else None
+        create_time = None
+        if pid and self.process.poll() is None:
+            try:
+                create_time = psutil.Process(pid).create_time()
+            except psutil.NoSuchProcess:
+                pass
+        return {
+            "index": self.index,
+            "revision": self.revision,
+            "pid": pid,
+            "create_time": create_time,
+            "port": self.port,
+            "gpus": self.gpus,
+            "state": self.state,
+            "restarts": self.restarts,
+            "crash_loop": self.crash_loop,
+            "last_error": self.last_error,
+            "log": str(self.log_path),
+        }
+
+
+class Supervisor:
+    def __init__(self, deployment: Deployment):
+        self.deployment = deployment
+        self.replicas: list[Replica] = []
+        self.serving_revision: int | None = None
+        self.router = Router()
+        self.router_address: tuple[str, int] | None = None
+        self.rollout: dict[str, Any] = {}
+        self.error: str | None = None
+        self._server = None
+        self._rollout_task: asyncio.Task | None = None
+        self._handled_generation = 0
+        self._stopping = asyncio.Event()
+        self._health = httpx.AsyncClient()
+        self._last_status: dict[str, Any] | None = None
+
+    # Replicas.
+    def create_replicas(self, revision: int, plan: dict[str, Any]) -> list[Replica] | None:
+        """Start `plan`'s replicas for `revision`; None when not enough GPUs are free for them."""
+        engine = plan["engine"]
+        count = int(plan.get("replicas", 1))
+        per_replica = engine["tensor_parallel_size"] * engine["pipeline_parallel_size"]
+        on_gpu = engine.get("device") == "cuda"
+        free = [g for g in range(int(plan.get("gpu_count", 0))) if g not in self._gpus_in_use()]
+        if on_gpu and len(free) < count * per_replica:
+            return None
+        plan_path = str(self.deployment.plan_path(revision))
+        created = []
+        for index in range(count):
+            gpus = free[index * per_replica : (index + 1) * per_replica] if on_gpu else None
+            port = free_port()
+            try:
+                argv = replica_command(plan, plan_path, port)
+            except BackendUnavailable as e:
+                raise RolloutFailed(str(e)) from e
+            replica = Replica(
+                revision, index, port, gpus, argv, replica_env(plan, gpus), self.deployment.replica_log(revision, index)
+            )
+            replica.start()
+            log.info(
+                "started revision %d replica %d (pid %d, port %d, gpus %s)",
+                revision,
+                index,
+                replica.process.pid,
+                port,
+                gpus,
+            )
+            self.replicas.append(replica)
+            created.append(replica)
+        self.write_status()
+        return created
+
+    def _gpus_in_use(self) -> set[int]:
+        return {g for r in self.replicas for g in (r.gpus or [])}
+
+    async def retire(self, replicas: list[Replica]) -> None:
+        """Take `replicas` out of the router, let their requests finish, stop them, forget them."""
+        for replica in replicas:
+            replica.state = "stopping"
+        self.publish()
+        await asyncio.gather(*(self.router.drain(r.backend, DRAIN_TIMEOUT_S) for r in replicas))
+        await asyncio.gather(*(asyncio.to_thread(self._stop, r) for r in replicas))
+        self.replicas = [r for r in self.replicas if r not in replicas]
+        self.write_status()
+
+    @staticmethod
+    def _stop(replica: Replica) -> None:
+        if replica.process and replica.process.poll() is None:
+            stop_process_group(replica.process.pid)
+        if replica.process:
+            replica.process.wait()
+
+    def publish(self) -> None:
+        """Point the router at the ready replicas of the serving revision, and record it."""
+        self.router.set_backends(
+            [r.backend for r in self.replicas if r.revision == self.serving_revision and r.state == "ready"]
+        )
+        self.write_status()
+
+    # The loop.
+    async def run(self) -> int:
+        lock = self.deployment.hold_lock()
+        if lock is None:
+            log.error("another supervisor is running for %s", self.deployment.name)
+            return 1
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        self._stop_leftovers()
+        self.write_status()
+        try:
+            while not self._stopping.is_set():
+                await self._tick()
+                try:
+                    await asyncio.wait_for(self._stopping.wait(), TICK_S)
+                except TimeoutError:
+                    pass
+        finally:
+            await self._shutdown()
+            os.close(lock)
+        return 1 if self.error else 0
+
+    async def _tick(self) -> None:
+        self._watch_desired()
+        self._watch_exits()
+        await self._check_health()
+
+    def _watch_desired(self) -> None:
+        if self._rollout_task and not self._rollout_task.done():
+            return  # one rollout at a time; a newer request is picked up when this one ends
+        desired = self.deployment.desired()
+        if not desired or desired["generation"] <= self._handled_generation:
+            return
+        self._handled_generation = desired["generation"]
+        self._rollout_task = asyncio.get_running_loop().create_task(
+            self._run_rollout(desired["revision"], desired["generation"])
+        )
+
+    async def _run_rollout(self, revision: int, generation: int) -> None:
+        self.set_rollout(
+            revision, phase="progressing", generation=generation, started_at=time.time(), reason=None, strategy=None
+        )
+        try:
+            plan = self.deployment.plan(revision)
+            await self._ensure_router(plan["engine"]["host"], plan["engine"]["port"])
+            if revision == self.serving_revision:
+                strategy = "none"  # already serving it (e.g. an apply retried after a failed one)
+            else:
+                strategy = await roll_out(self, revision)
+            self.set_rollout(revision, phase="complete", strategy=strategy, finished_at=time.time())
+            log.info("revision %d serving (%s)", revision, strategy)
+        except (RolloutFailed, PortInUse) as e:
+            log.error("rollout of revision %d failed: %s", revision, e)
+            self.set_rollout(revision, phase="failed", reason=str(e), finished_at=time.time())
+        except Exception as e:  # a bug of ours: report it rather than leave the rollout "progressing" forever
+            log.exception("rollout of revision %d failed", revision)
+            self.set_rollout(revision, phase="failed", reason=f"supervisor error: {e!r}", finished_at=time.time())
+
+    async def _ensure_router(self, host: str, port: int) -> None:
+        if self.router_address == (host, port):
+            return
+        sock = bind(host, port)  # raises PortInUse before the old listener is given up
+        if self._server is not None:
+            self._server.should_exit = True
+            await self._server.task
+        self._server = await serve(self.router, sock)
+        self.router_address = (host, port)
+        self.error = None
+        log.info("router listening on http://%s:%d", host, port)
+
+    def set_rollout(self, revision: int, **fields: Any) -> None:
+        if self.rollout.get("revision") != revision:
+            self.rollout = {"revision": revision}
+        self.rollout.update(fields)
+        self.write_status()
+
+    def _watch_exits(self) -> None:
+        now = time.monotonic()
+        changed = False
+        for replica in self.replicas:
+            if replica.state in ("stopping", "failed"):
+                continue
+            if replica.state == "crashed":
+                if now >= replica.restart_at:
+                    replica.restarts += 1
+                    replica.start()
+                    log.info(
+                        "restarted revision %d replica %d (restart %d)",
+                        replica.revision,
+                        replica.index,
+                        replica.restarts,
+                    )
+                    changed = True
+                continue
+            if replica.process.poll() is None:
+                if replica.state == "ready" and now - replica.ready_since > STABLE_AFTER_S:
+                    replica.quick_crashes = 0
+                continue
+            replica.last_error = replica.failure_reason()
+            changed = True
+            if not replica.ever_ready:
+                replica.state = "failed"  # never came up: the rollout waiting on it reports why
+                continue
+            replica.quick_crashes = replica.quick_crashes + 1 if now - replica.started_at < STABLE_AFTER_S else 1
+            delay = min(2.0 ** (replica.quick_crashes - 1), MAX_BACKOFF_S)
+            replica.state = "crashed"
+            replica.restart_at = now + delay
+            log.warning(
+                "revision %d replica %d exited (%s); restart in %.0fs%s",
+                replica.revision,
+                replica.index,
+                replica.last_error,
+                delay,
+                " (crash loop)" if replica.crash_loop else "",
+            )
+        if changed:
+            self.publish()
+
+    async def _check_health(self) -> None:
+        now = time.monotonic()
+        due = [
+            r
+            for r in self.replicas
+            if r.state in ("starting", "ready", "unhealthy") and r.process.poll() is None and now >= r.next_health_at
+        ]
+        if not due:
+            return
+        results = await asyncio.gather(*(self._healthy(r) for r in due))
+        changed = False
+        for replica, ok in zip(due, results, strict=True):
+            replica.next_health_at = now + (HEALTH_INTERVAL_S if replica.ever_ready else TICK_S)
+            if ok:
+                replica.health_failures = 0
+                if replica.state != "ready":
+                    replica.state, replica.ever_ready, replica.ready_since = "ready", True, now
+                    changed = True
+            elif replica.state in ("ready", "unhealthy"):
+                replica.health_failures += 1
+                if replica.state == "ready" and replica.health_failures >= UNHEALTHY_AFTER:
+                    replica.state = "unhealthy"
+                    changed = True
+        if changed:
+            self.publish()
+
+    async def _healthy(self, replica: Replica) -> bool:
+        plan_health = self.deployment.plan(replica.revision).get("health") or {}
+        path = plan_health.get("path", "/health")
+        timeout = 5.0 if replica.ever_ready else 1.0
+        try:
+            reply = await self._health.get(replica.backend.url + path, timeout=timeout)
+        except httpx.HTTPError:
+            return False
+        return reply.status_code == 200
+
+    def _stop_leftovers(self) -> None:
+        """Stop replicas a previous supervisor recorded and that are somehow still alive (it was killed)."""
+        for recorded in self.deployment.status().get("replicas", []):
+            if recorded.get("pid") and recorded.get("create_time"):
+                stop_process_group(recorded["pid"], create_time=recorded["create_time"])
+
+    async def _shutdown(self) -> None:
+        log.info("stopping %d replica(s)", len(self.replicas))
+        if self._rollout_task and not self._rollout_task.done():
+            self._rollout_task.cancel()
+            try:
+                await self._rollout_task
+            except (asyncio.CancelledError, Exception):
+                pass
+        await self.retire(list(self.replicas))
+        if self._server is not None:
+            self._server.should_exit = True
+            await self._server.task
+        await self.router.aclose()
+        await self._health.aclose()
+        self.serving_revision = None
+        self.write_status(stopped=True)
+
+    # Status.
+    def write_status(self, stopped: bool = False) -> None:
+        host_port = self.router_address
+        status = {
+            "name": self.deployment.name,
+            "supervisor_pid": None if stopped else os.getpid(),
+            "url": f"http://{host_port[0]}:{host_port[1]}" if host_port else None,
+            "revision": self.serving_revision,
+            "rollout": self.rollout,
+            "replicas": [r.to_status() for r in self.replicas],
+            "error": self.error,
+        }
+        if status == self._last_status:
+            return
+        self._last_status = status
+        self.deployment.write_status({**status, "updated_at": time.time()})
+
+
+def start_detached(deployment: Deployment, timeout: float = 30.0) -> int:
+    """Start the deployment's supervisor in a new session; returns its pid once it holds the lock."""
+    deployment.logs_dir.mkdir(parents=True, exist_ok=True)
+    with open(deployment.supervisor_log, "ab") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "vdeploy.supervisor", deployment.name],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            close_fds=True,
+        )
+    deadline = time.monotonic() + timeout
+    while not deployment.supervisor_alive():
+        if process.poll() is not None:
+            tail = deployment.supervisor_log.read_text(errors="replace")[-4000:]
+            raise RuntimeError(f"the supervisor exited at start-up: {root_cause(tail, process.returncode)}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the supervisor did not start within {timeout:.0f}s; see {deployment.supervisor_log}")
+        time.sleep(0.05)
+    return process.pid
+
+
+def run_foreground(deployment: Deployment) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return asyncio.run(Supervisor(deployment).run())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vdeploy.supervisor", description="Supervise one deployment.")
+    parser.add_argument("name", help="deployment name (a folder of the state directory)")
+    args = parser.parse_args(argv)
+    return run_foreground(Deployment(args.name))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
