@@ -1,0 +1,236 @@
+"""LLMEngine: the synchronous engine loop shared by `LLM` (offline) and `AsyncEngine` (serving).
+
+`add_request` tokenises and queues; each `step()` schedules, runs the model once, samples, appends tokens, detokenises,
+applies stop conditions and returns a cumulative RequestOutput for every request that progressed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from engine.config import EngineConfig
+from engine.core.kv_cache import KVCacheManager
+from engine.core.scheduler import Scheduler
+from engine.core.sequence import Request, Sequence
+from engine.outputs import Logprob, RequestOutput
+from engine.sampling_params import SamplingParams
+
+
+class InvalidPromptError(ValueError):
+    """The client sent a prompt the model cannot take: empty, longer than max_model_len, or with unknown token ids
+    (the server answers 400)."""
+
+
+@dataclass
+class EngineStats:
+    """Counters behind vLLM's Prometheus metrics (totals count since start)."""
+
+    num_running: int
+    num_waiting: int  # includes swapped-out sequences
+    kv_cache_usage: float  # fraction of KV blocks in use
+    kv_blocks_total: int
+    kv_blocks_free: int
+    kv_waste_slots: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    num_preemptions_total: int
+    prefix_cache_queries_total: int  # prompt tokens looked up
+    prefix_cache_hits_total: int  # of which found in the cache
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, tokenizer: Any, model: Any):
+        from engine.worker.model_runner import ModelRunner
+
+        self.config = config
+        self.tokenizer = tokenizer
+        self.runner = ModelRunner(config, model)
+        self.kv = KVCacheManager(
+            self.runner.num_blocks, config.block_size, self.runner.num_cpu_blocks, config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(config, self.kv)
+        self.requests: dict[str, Request] = {}
+        self.eos_token_ids = _eos_token_ids(tokenizer, model)
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> LLMEngine:
+        import torch
+
+        from engine.loader import load_hf_config, load_model, load_tokenizer
+
+        torch.manual_seed(config.seed)
+        hf_config = load_hf_config(config)
+        return cls(config, load_tokenizer(config), load_model(config, hf_config))
+
+    # -- requests ------------------------------------------------------------------------------------------------
+
+    def check_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        """Tokenises a prompt (text or token ids) and checks it fits; returns (text, token ids)."""
+        if isinstance(prompt, str):
+            text, token_ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, token_ids = None, list(prompt)
+        if not token_ids:
+            raise InvalidPromptError("the prompt is empty")
+        if len(token_ids) >= self.config.max_model_len:
+            raise InvalidPromptError(
+                f"the prompt has {len(token_ids)} tokens, but max_model_len is {self.config.max_model_len} "
+                "(the prompt plus at least one generated token must fit)"
+            )
+        vocab = len(self.tokenizer)
+        if any(not 0 <= t < vocab for t in token_ids):
+            raise InvalidPromptError(f"the prompt holds token ids outside the vocabulary (0..{vocab - 1})")
+        return text, token_ids
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        arrival_time: float | None = None,
+        prompt_token_ids: list[int] | None = None,
+    ) -> Request:
+        """Queues a request. `prompt_token_ids`, when given, are the already checked tokens of the text `prompt`."""
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if prompt_token_ids is None:
+            prompt, prompt_token_ids = self.check_prompt(prompt)
+        request = Request(request_id, prompt, prompt_token_ids, params, self.tokenizer, arrival_time)
+        self.requests[request_id] = request
+        self.scheduler.add(request.seqs[0])
+        return request
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stops a request and frees its KV blocks; returns its final output (None if it was unknown or done)."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        for seq in request.seqs:
+            if not seq.finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+        request.metrics.finished_time = time.time()
+        return request.output()
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # -- the loop ------------------------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        step = self.scheduler.schedule()
+        if not step.scheduled:
+            return []
+        sampling = [seq for seq, n in step.scheduled if seq.num_computed_tokens + n == seq.num_tokens]
+        logits = self.runner.execute(step, sampling)
+        self.scheduler.update(step)
+        sample_seqs, rows = self._fork_new_completions(sampling)
+        out = self.runner.sample(logits[rows], sample_seqs, [self._early_stop_ids(s) for s in sample_seqs])
+        now = time.time()
+        progressed: dict[str, Request] = {}
+        for seq, token, logprobs in zip(sample_seqs, out.token_ids, out.logprobs, strict=True):
+            self._append(seq, token, logprobs)
+            progressed[seq.request.request_id] = seq.request
+        self.generation_tokens_total += len(sample_seqs)
+        outputs = []
+        for request in progressed.values():
+            metrics = request.metrics
+            if metrics.first_token_time is None:
+                metrics.first_token_time = now
+                self.prompt_tokens_total += len(request.prompt_token_ids)
+            metrics.last_token_time = now
+            metrics.token_times.append(now)
+            if request.finished:
+                metrics.finished_time = now
+                del self.requests[request.request_id]
+            outputs.append(request.output())
+        return outputs
+
+    def _fork_new_completions(self, sampling: list[Sequence]) -> tuple[list[Sequence], list[int]]:
+        """A request with n > 1 samples its first tokens from one prompt pass: its sequence is forked into n that
+        share the prompt's blocks. Returns the sequences to sample and the logits row each one reads."""
+        seqs, rows = [], []
+        for row, seq in enumerate(sampling):
+            seqs.append(seq)
+            rows.append(row)
+            request = seq.request
+            while request.pending_forks:
+                child = seq.fork(len(request.seqs))
+                self.kv.fork(seq, child)
+                self.scheduler.add_running(child)
+                request.seqs.append(child)
+                seqs.append(child)
+                rows.append(row)
+        return seqs, rows
+
+    def _early_stop_ids(self, seq: Sequence) -> set[int]:
+        """Token ids min_tokens keeps from being sampled: EOS (unless ignored) and stop token ids."""
+        params = seq.request.params
+        if len(seq.token_ids) - seq.prompt_len >= params.min_tokens:
+            return set()
+        ids = set(params.stop_token_ids)
+        return ids if params.ignore_eos else ids | self.eos_token_ids
+
+    def _append(self, seq: Sequence, token: int, logprobs: list[tuple[int, float, int]] | None) -> None:
+        params = seq.request.params
+        seq.token_ids.append(token)
+        if logprobs is not None:
+            seq.logprobs.append({t: Logprob(lp, rank, self.tokenizer.decode([t])) for t, lp, rank in logprobs})
+            seq.cumulative_logprob += logprobs[0][1]
+        num_output = len(seq.token_ids) - seq.prompt_len
+        if token in self.eos_token_ids and not params.ignore_eos:
+            seq.finish_reason = "stop"
+        elif token in params.stop_token_ids:
+            seq.finish_reason, seq.stop_reason = "stop", token
+        else:
+            delta = seq.detokenizer.step(token)
+            seq.text += delta
+            if delta and params.stop_strings and num_output >= params.min_tokens:
+                self._check_stop_strings(seq, len(delta))
+        if seq.finish_reason is None and (
+            num_output == params.max_tokens or len(seq.token_ids) >= self.config.max_model_len
+        ):
+            seq.finish_reason = "length"
+        if seq.finish_reason is not None:
+            self.scheduler.finish(seq)
+
+    @staticmethod
+    def _check_stop_strings(seq: Sequence, delta_len: int) -> None:
+        """Ends seq at the earliest stop string the new text completed; the stop string is cut from the output."""
+        found = None
+        for stop in seq.request.params.stop_strings:
+            index = seq.text.find(stop, max(0, len(seq.text) - delta_len - len(stop) + 1))
+            if index != -1 and (found is None or index < found[0]):
+                found = (index, stop)
+        if found is not None:
+            seq.text = seq.text[: found[0]]
+            seq.finish_reason, seq.stop_reason = "stop", found[1]
+
+    def stats(self) -> EngineStats:
+        kv = self.kv.stats(self.scheduler.running)
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting) + len(self.scheduler.swapped),
+            kv_cache_usage=kv.usage,
+            kv_blocks_total=kv.num_blocks,
+            kv_blocks_free=kv.free_blocks,
+            kv_waste_slots=kv.waste_slots,
+            prompt_tokens_total=self.prompt_tokens_total,
+            generation_tokens_total=self.generation_tokens_total,
+            num_preemptions_total=self.scheduler.num_preemptions,
+            prefix_cache_queries_total=self.kv.prefix_queries,
+            prefix_cache_hits_total=self.kv.prefix_hits,
+        )
+
+
+def _eos_token_ids(tokenizer: Any, model: Any) -> set[int]:
+    """EOS ids from the tokenizer and the model's generation config (chat models often list several)."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    gen_config = getattr(model, "generation_config", None)
+    eos = getattr(gen_config, "eos_token_id", None)
+    ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    return ids

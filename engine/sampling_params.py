@@ -1,0 +1,78 @@
+"""SamplingParams: how one request is decoded (vLLM's names and semantics). Torch-free, so the server can validate
+request bodies before touching the engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+_GREEDY_EPSILON = 1e-5  # temperatures below this decode greedily, as in vLLM
+
+
+class SamplingParamsError(ValueError):
+    """A sampling parameter is out of range; `field` names it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1 = all tokens
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    max_tokens: int | None = 16  # None = up to max_model_len
+    min_tokens: int = 0
+    stop: str | list[str] | None = None  # strings that end generation; not included in the output
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    seed: int | None = None
+    logprobs: int | None = None  # number of top logprobs per generated token (plus the sampled one)
+    skip_special_tokens: bool = True
+    stop_strings: list[str] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.top_k == -1:
+            self.top_k = 0
+        self.stop_strings = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        checks = [
+            ("n", self.n >= 1, f"must be >= 1, got {self.n}"),
+            ("temperature", self.temperature >= 0, f"must be >= 0, got {self.temperature}"),
+            ("top_p", 0 < self.top_p <= 1, f"must be in (0, 1], got {self.top_p}"),
+            ("top_k", self.top_k >= 0, f"must be -1, 0 (all tokens) or positive, got {self.top_k}"),
+            ("min_p", 0 <= self.min_p <= 1, f"must be in [0, 1], got {self.min_p}"),
+            ("repetition_penalty", self.repetition_penalty > 0, f"must be > 0, got {self.repetition_penalty}"),
+            ("presence_penalty", -2 <= self.presence_penalty <= 2, f"must be in [-2, 2], got {self.presence_penalty}"),
+            (
+                "frequency_penalty",
+                -2 <= self.frequency_penalty <= 2,
+                f"must be in [-2, 2], got {self.frequency_penalty}",
+            ),
+            ("max_tokens", self.max_tokens is None or self.max_tokens >= 1, f"must be >= 1, got {self.max_tokens}"),
+            ("min_tokens", self.min_tokens >= 0, f"must be >= 0, got {self.min_tokens}"),
+            (
+                "min_tokens",
+                self.max_tokens is None or self.min_tokens <= self.max_tokens,
+                f"({self.min_tokens}) must be <= max_tokens ({self.max_tokens})",
+            ),
+            ("stop", all(isinstance(s, str) and s for s in self.stop_strings), "must be non-empty strings"),
+            ("stop_token_ids", all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "must be token ids"),
+            ("logprobs", self.logprobs is None or self.logprobs >= 0, f"must be >= 0, got {self.logprobs}"),
+        ]
+        for name, ok, message in checks:
+            if not ok:
+                raise SamplingParamsError(name, message)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < _GREEDY_EPSILON
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0

@@ -1,0 +1,223 @@
+"""The model runner: owns the model and the KV cache tensors, turns a scheduled step into one flat forward pass.
+
+A step's tokens are concatenated without padding; each token's KV slot comes from its sequence's block table. A
+decode-only step (one token per sequence) is copied into persistent input buffers sized for max_num_seqs, the inputs a
+CUDA graph would be captured on (`_run_model` is where a captured graph would be replayed); on CPU it runs eagerly.
+Host work per step is a few list concatenations and one tensor build per input.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from engine.config import EngineConfig
+from engine.core.scheduler import SchedulerOutput
+from engine.core.sequence import Sequence
+from engine.layers.attention import Attention, AttentionMetadata
+from engine.worker.sampler import Sampler, SamplerOutput
+
+logger = logging.getLogger(__name__)
+
+_GiB = 1 << 30
+
+
+def kv_cache_bytes_per_token(hf_config: Any, config: EngineConfig) -> int:
+    """Bytes of K and V one token takes across all layers of this rank (before the model is built)."""
+    text = getattr(hf_config, "text_config", None) or hf_config
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    kv_heads = max(kv_heads // config.tensor_parallel_size, 1)
+    return 2 * text.num_hidden_layers * kv_heads * head_dim * _kv_dtype(config).itemsize
+
+
+def _kv_dtype(config: EngineConfig) -> torch.dtype:
+    name = config.dtype if config.kv_cache_dtype == "auto" else config.kv_cache_dtype
+    if name not in ("float16", "bfloat16", "float32"):
+        raise ValueError(f"kv_cache_dtype: {config.kv_cache_dtype!r} is not supported yet (use auto)")
+    return getattr(torch, name)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model: torch.nn.Module):
+        self.config = config
+        self.device = torch.device(config.device)
+        self.model = model
+        self.block_size = config.block_size
+        self.attn_layers = [m for m in model.modules() if isinstance(m, Attention)]
+        self.kv_dtype = _kv_dtype(config)
+        self.bytes_per_block = sum(
+            2 * self.block_size * layer.num_kv_heads * layer.head_dim * self.kv_dtype.itemsize
+            for layer in self.attn_layers
+        )
+        self.sampler = Sampler(self.device, config.seed)
+        self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
+        self.num_blocks = self._kv_cache_bytes() // self.bytes_per_block
+        if self.num_blocks < self.max_blocks_per_seq:
+            raise ValueError(
+                f"kv_cache_memory_bytes: the KV cache holds {self.num_blocks * self.block_size} tokens, fewer than "
+                f"one max_model_len ({config.max_model_len}) sequence needs; raise the cache or lower max_model_len"
+            )
+        self.num_cpu_blocks = int(config.swap_space * _GiB) // self.bytes_per_block
+        self.kv_caches = self._allocate(self.num_blocks, self.device)
+        self.cpu_caches = self._allocate(self.num_cpu_blocks, torch.device("cpu")) if self.num_cpu_blocks else []
+        for layer, (k, v) in zip(self.attn_layers, self.kv_caches, strict=True):
+            layer.k_cache, layer.v_cache = k, v
+        self._decode_buffers = _DecodeBuffers(config.max_num_seqs, self.max_blocks_per_seq, self.device)
+        logger.info(
+            "KV cache: %d blocks of %d tokens (%.1f MiB), %d CPU swap blocks",
+            self.num_blocks,
+            self.block_size,
+            self.num_blocks * self.bytes_per_block / (1 << 20),
+            self.num_cpu_blocks,
+        )
+
+    def _kv_cache_bytes(self) -> int:
+        if self.config.kv_cache_memory_bytes is not None:
+            return self.config.kv_cache_memory_bytes
+        if self.device.type != "cuda":
+            raise ValueError("kv_cache_memory_bytes: required on CPU (LLM(...) and the compiler set it)")
+        peak = self.profile_run()
+        free, total = torch.cuda.mem_get_info()
+        budget = (
+            int(total * self.config.gpu_memory_utilization) - (total - free) - (peak - torch.cuda.memory_allocated())
+        )
+        return max(budget, 0)
+
+    def _allocate(self, num_blocks: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [
+            tuple(
+                torch.zeros(
+                    num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim, dtype=self.kv_dtype, device=device
+                )
+                for _ in range(2)
+            )
+            for layer in self.attn_layers
+        ]
+
+    @torch.inference_mode()
+    def profile_run(self) -> int:
+        """Runs the largest step the scheduler can produce (max_num_batched_tokens tokens over max_num_seqs sequences)
+        with no KV cache bound; returns the peak bytes allocated on the device (0 on CPU, where it is not tracked)."""
+        cfg = self.config
+        num_seqs = min(cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        lens = [cfg.max_num_batched_tokens // num_seqs] * num_seqs
+        lens[-1] += cfg.max_num_batched_tokens - sum(lens)
+        cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=self.device)
+        positions = torch.cat([torch.arange(n) for n in lens]).to(self.device)
+        input_ids = torch.zeros(cfg.max_num_batched_tokens, dtype=torch.long, device=self.device)
+        meta = AttentionMetadata(
+            slot_mapping=torch.full_like(input_ids, -1),
+            seq_lens=torch.tensor(lens, dtype=torch.int32, device=self.device),
+            block_tables=torch.zeros(num_seqs, 1, dtype=torch.int32, device=self.device),
+            cu_seqlens_q=cu,
+        )
+        bound = [(layer.k_cache, layer.v_cache) for layer in self.attn_layers]
+        for layer in self.attn_layers:
+            layer.k_cache = layer.v_cache = None
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            hidden = self.model(input_ids, positions, meta)
+            self.model.compute_logits(hidden[cu[1:].long() - 1])
+        finally:
+            for layer, (k, v) in zip(self.attn_layers, bound, strict=True):
+                layer.k_cache, layer.v_cache = k, v
+        if self.device.type != "cuda":
+            return 0
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+
+    @torch.inference_mode()
+    def execute(self, step: SchedulerOutput, sample_seqs: list[Sequence]) -> torch.Tensor:
+        """Moves blocks (swap out, swap in, copy-on-write), runs the forward pass; returns the logits of the last
+        token of each sequence in sample_seqs (those whose scheduled tokens reach the end of what they hold)."""
+        self._move_blocks(step)
+        input_ids, positions, meta, last_rows = self._prepare(step.scheduled)
+        hidden = self._run_model(input_ids, positions, meta)
+        sampled = {id(seq) for seq in sample_seqs}
+        rows = [row for (seq, _), row in zip(step.scheduled, last_rows, strict=True) if id(seq) in sampled]
+        return self.model.compute_logits(hidden[rows])
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence], stop_ids: list[set[int]]) -> SamplerOutput:
+        with torch.inference_mode():
+            return self.sampler(logits, seqs, stop_ids)
+
+    def _run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        # A decode step's inputs live in persistent buffers: the place to replay a captured CUDA graph.
+        return self.model(input_ids, positions, meta)
+
+    def _prepare(
+        self, scheduled: list[tuple[Sequence, int]]
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+        bs = self.block_size
+        input_ids: list[int] = []
+        starts, q_lens, seq_lens = [], [], []
+        for seq, n in scheduled:
+            start = seq.num_computed_tokens
+            input_ids += seq.token_ids[start : start + n]
+            starts.append(start)
+            q_lens.append(n)
+            seq_lens.append(start + n)
+        width = max(len(seq.block_table) for seq, _ in scheduled)
+        tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq, _ in scheduled]
+        block_tables = torch.tensor(tables, dtype=torch.int32)
+        q_lens_t = torch.tensor(q_lens)
+        cu_q = torch.zeros(len(scheduled) + 1, dtype=torch.long)
+        torch.cumsum(q_lens_t, 0, out=cu_q[1:])
+        seq_index = torch.repeat_interleave(torch.arange(len(scheduled)), q_lens_t)
+        positions = torch.arange(len(input_ids)) - cu_q[seq_index] + torch.tensor(starts)[seq_index]
+        slots = block_tables[seq_index, positions // bs].long() * bs + positions % bs
+        last_rows = (cu_q[1:] - 1).tolist()
+        ids = torch.tensor(input_ids, dtype=torch.long)
+        lens = torch.tensor(seq_lens, dtype=torch.int32)
+        if len(input_ids) == len(scheduled):  # decode only
+            ids, positions, slots, lens, block_tables = self._decode_buffers.fill(
+                ids, positions, slots, lens, block_tables
+            )
+            return ids, positions, AttentionMetadata(slots, lens, block_tables), last_rows
+        dev = self.device
+        meta = AttentionMetadata(slots.to(dev), lens.to(dev), block_tables.to(dev), cu_q.to(dev, torch.int32))
+        return ids.to(dev), positions.to(dev), meta, last_rows
+
+    def _move_blocks(self, step: SchedulerOutput) -> None:
+        for (k, v), cpu in zip(self.kv_caches, self.cpu_caches or [None] * len(self.kv_caches), strict=True):
+            if step.swap_out:
+                gpu_ids, cpu_ids = (torch.tensor(x) for x in zip(*step.swap_out, strict=True))
+                for cache, host in zip((k, v), cpu, strict=True):
+                    host[cpu_ids] = cache[gpu_ids.to(cache.device)].cpu()
+            if step.swap_in:
+                cpu_ids, gpu_ids = (torch.tensor(x) for x in zip(*step.swap_in, strict=True))
+                for cache, host in zip((k, v), cpu, strict=True):
+                    cache[gpu_ids.to(cache.device)] = host[cpu_ids].to(cache.device)
+            if step.copies:
+                src, dst = (torch.tensor(x, device=k.device) for x in zip(*step.copies, strict=True))
+                for cache in (k, v):
+                    cache[dst] = cache[src]
+
+
+class _DecodeBuffers:
+    """Persistent decode inputs (fixed addresses, as CUDA graph replay needs); a step uses the first B rows."""
+
+    def __init__(self, max_num_seqs: int, max_blocks: int, device: torch.device):
+        self.input_ids = torch.zeros(max_num_seqs, dtype=torch.long, device=device)
+        self.positions = torch.zeros(max_num_seqs, dtype=torch.long, device=device)
+        self.slot_mapping = torch.zeros(max_num_seqs, dtype=torch.long, device=device)
+        self.seq_lens = torch.zeros(max_num_seqs, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(max_num_seqs, max_blocks, dtype=torch.int32, device=device)
+
+    def fill(self, *host: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        b, width = host[-1].shape
+        views = (
+            self.input_ids[:b],
+            self.positions[:b],
+            self.slot_mapping[:b],
+            self.seq_lens[:b],
+            self.block_tables[:b, :width],
+        )
+        for view, src in zip(views, host, strict=True):
+            view.copy_(src, non_blocking=True)
+        return views
