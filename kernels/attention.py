@@ -213,7 +213,8 @@ def _decode_reduce_kernel(
     m = tl.load(part_max_ptr + part, mask=s_mask, other=float("-inf"))
     weight = tl.exp2(m - tl.max(m, 0))
     total = tl.sum(weight * tl.load(part_sum_ptr + part, mask=s_mask, other=0.0), 0)
-    acc = tl.load(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], mask=s_mask[:, None] & d_mask[None, :])
+    acc_ptrs = part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :]
+    acc = tl.load(acc_ptrs, mask=s_mask[:, None] & d_mask[None, :], other=0.0)
     out = tl.sum(weight[:, None] * acc, 0) / tl.where(total == 0.0, 1.0, total)
     tl.store(out_ptr + seq * stride_ob + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
 

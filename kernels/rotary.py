@@ -7,6 +7,8 @@ is_neox=False rotates interleaved pairs (GPT-J layout). Channels past rot_dim pa
 """
 
 import torch
+import triton
+import triton.language as tl
 
 
 def _rotate_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, is_neox: bool) -> torch.Tensor:
@@ -30,7 +32,76 @@ def apply_rotary_ref(
     return _rotate_ref(q, cos, sin, is_neox), _rotate_ref(k, cos, sin, is_neox)
 
 
+@triton.jit
+def _rotate_heads(
+    x_ptr, out_ptr, token, stride_t, stride_h, stride_ot, stride_oh, cos, sin,
+    NUM_HEADS: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, HALF_ROT: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, IS_NEOX: tl.constexpr,
+):
+    """Rotates all heads of one token: pairs (i, i + HALF_ROT) for neox, (2i, 2i + 1) for gpt-j, i < HALF_ROT; then
+    copies the channels past the rotated ones."""
+    offs_h = tl.arange(0, BLOCK_H)[:, None]
+    offs_r = tl.arange(0, BLOCK_R)[None, :]
+    if IS_NEOX:
+        first, second = offs_r, offs_r + HALF_ROT
+    else:
+        first, second = 2 * offs_r, 2 * offs_r + 1
+    mask = (offs_h < NUM_HEADS) & (offs_r < HALF_ROT)
+    src = x_ptr + token * stride_t + offs_h * stride_h
+    dst = out_ptr + token * stride_ot + offs_h * stride_oh
+    x1 = tl.load(src + first, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + second, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dst + first, (x1 * cos - x2 * sin).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + second, (x2 * cos + x1 * sin).to(out_ptr.dtype.element_ty), mask=mask)
+    if 2 * HALF_ROT < HEAD_DIM:
+        offs_p = 2 * HALF_ROT + tl.arange(0, BLOCK_P)[None, :]
+        pass_mask = (offs_h < NUM_HEADS) & (offs_p < HEAD_DIM)
+        tl.store(dst + offs_p, tl.load(src + offs_p, mask=pass_mask), mask=pass_mask)
+
+
+@triton.jit
+def _rotary_kernel(
+    q_ptr, k_ptr, q_out_ptr, k_out_ptr, positions_ptr, cos_sin_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_oqt, stride_oqh, stride_okt, stride_okh, stride_cache,
+    NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HALF_ROT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
+    IS_NEOX: tl.constexpr,
+):
+    """One program per token: the token's cos/sin row is read once and applied to all its query and key heads."""
+    token = tl.program_id(0).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R)[None, :]
+    row = cos_sin_ptr + tl.load(positions_ptr + token).to(tl.int64) * stride_cache
+    cos = tl.load(row + offs_r, mask=offs_r < HALF_ROT, other=0.0).to(tl.float32)
+    sin = tl.load(row + HALF_ROT + offs_r, mask=offs_r < HALF_ROT, other=0.0).to(tl.float32)
+    _rotate_heads(q_ptr, q_out_ptr, token, stride_qt, stride_qh, stride_oqt, stride_oqh, cos, sin,
+                  NUM_Q_HEADS, BLOCK_QH, HEAD_DIM, HALF_ROT, BLOCK_R, BLOCK_P, IS_NEOX)
+    _rotate_heads(k_ptr, k_out_ptr, token, stride_kt, stride_kh, stride_okt, stride_okh, cos, sin,
+                  NUM_K_HEADS, BLOCK_KH, HEAD_DIM, HALF_ROT, BLOCK_R, BLOCK_P, IS_NEOX)
+
+
+def apply_rotary_triton(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, is_neox: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """apply_rotary in Triton: one launch rotates q and k into new contiguous tensors. Last dims must be contiguous."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_k_heads = k.shape[1]
+    half_rot = cos_sin_cache.shape[-1] // 2
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    _rotary_kernel[(num_tokens,)](
+        q, k, q_out, k_out, positions, cos_sin_cache,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1), cos_sin_cache.stride(0),
+        NUM_Q_HEADS=num_q_heads, NUM_K_HEADS=num_k_heads, BLOCK_QH=triton.next_power_of_2(num_q_heads),
+        BLOCK_KH=triton.next_power_of_2(num_k_heads), HEAD_DIM=head_dim, HALF_ROT=half_rot,
+        BLOCK_R=triton.next_power_of_2(half_rot), BLOCK_P=triton.next_power_of_2(max(head_dim - 2 * half_rot, 1)),
+        IS_NEOX=is_neox,
+    )
+    return q_out, k_out
+
+
 def apply_rotary(
     q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, is_neox: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return apply_rotary_ref(q, k, positions, cos_sin_cache, is_neox)
+    fn = apply_rotary_triton if q.is_cuda else apply_rotary_ref
+    return fn(q, k, positions, cos_sin_cache, is_neox)
