@@ -1,0 +1,148 @@
+"""GGUF files: a transformers config from the metadata, and the weights dequantized to float32 under HF tensor names.
+
+llama.cpp's converter stores a llama model's attn_q/attn_k rows permuted for its own rope layout; the permutation
+is undone here so the weights match HF's (NeoX-style) rotary. Other architectures (qwen2) are stored unpermuted.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.loader.errors import ModelLoadError
+
+# GGUF `general.architecture` -> (HF architecture, transformers config class name, q/k rows permuted by llama.cpp).
+_ARCHITECTURES = {
+    "llama": ("LlamaForCausalLM", "LlamaConfig", True),
+    "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", False),
+}
+_GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_BLOCK_TENSORS = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_BLOCK_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+
+
+@functools.lru_cache(maxsize=2)
+def _reader(path: str, mtime_ns: int) -> Any:
+    import gguf
+
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as exc:  # the reader fails with ValueError, struct.error, IndexError... on a damaged file
+        raise ModelLoadError(f"{path}: not a readable GGUF file (truncated or corrupt?): {exc}") from None
+
+
+def open_gguf(path: Path) -> Any:
+    """A GGUFReader for `path`, parsed once (config and weights both need it; parsing takes seconds)."""
+    return _reader(str(path), path.stat().st_mtime_ns)
+
+
+def _metadata(reader: Any, path: Path) -> dict[str, Any]:
+    try:
+        return {name: field.contents() for name, field in reader.fields.items() if not name.startswith("tokenizer.")}
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: unreadable GGUF metadata: {exc}") from None
+
+
+def gguf_hf_config(path: Path) -> Any:
+    """A transformers config equivalent to the GGUF metadata."""
+    import transformers
+
+    reader = open_gguf(path)
+    meta = _metadata(reader, path)
+    arch = meta.get("general.architecture")
+    if arch not in _ARCHITECTURES:
+        raise ModelLoadError(
+            f"{path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(sorted(_ARCHITECTURES))})"
+        )
+    hf_arch, config_class, _ = _ARCHITECTURES[arch]
+
+    def get(key: str, default: Any = None) -> Any:
+        value = meta.get(f"{arch}.{key}", default)
+        if value is None:
+            raise ModelLoadError(f"{path}: GGUF metadata lacks '{arch}.{key}'")
+        return value
+
+    heads = get("attention.head_count")
+    hidden = get("embedding_length")
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    rope = {"rope_type": "default", "rope_theta": float(get("rope.freq_base", 10000.0))}
+    scaling = meta.get(f"{arch}.rope.scaling.type", "none")
+    if scaling not in ("none", ""):
+        rope.update(rope_type=scaling, factor=float(get("rope.scaling.factor")))
+        if f"{arch}.rope.scaling.original_context_length" in meta:
+            rope["original_max_position_embeddings"] = int(meta[f"{arch}.rope.scaling.original_context_length"])
+    token_ids = {
+        f"{role}_token_id": reader.fields[f"tokenizer.ggml.{role}_token_id"].contents()
+        for role in ("bos", "eos", "pad")
+        if f"tokenizer.ggml.{role}_token_id" in reader.fields
+    }
+    return getattr(transformers, config_class)(
+        architectures=[hf_arch],
+        vocab_size=len(tokens.data) if tokens is not None else get("vocab_size"),
+        hidden_size=hidden,
+        intermediate_size=get("feed_forward_length"),
+        num_hidden_layers=get("block_count"),
+        num_attention_heads=heads,
+        num_key_value_heads=get("attention.head_count_kv", heads),
+        head_dim=get("attention.key_length", hidden // heads),
+        max_position_embeddings=get("context_length"),
+        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
+        rope_parameters=rope,
+        tie_word_embeddings=not any(t.name == "output.weight" for t in reader.tensors),
+        **token_ids,
+    )
+
+
+def hf_tensor_name(gguf_name: str) -> str | None:
+    """GGUF tensor name -> HF checkpoint name, or None when it has no HF counterpart we know."""
+    stem, _, kind = gguf_name.rpartition(".")
+    if stem in _GLOBAL_TENSORS:
+        return f"{_GLOBAL_TENSORS[stem]}.{kind}"
+    match = _BLOCK_NAME.fullmatch(gguf_name)
+    if match and match.group(2) in _BLOCK_TENSORS:
+        layer, part, kind = match.groups()
+        return f"model.layers.{layer}.{_BLOCK_TENSORS[part]}.{kind}"
+    return None
+
+
+def _unpermute_rope_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """llama.cpp interleaves each head's rotary halves; HF keeps them as two contiguous halves."""
+    out, cols = weight.shape[0], weight.shape[1:]
+    return weight.reshape(heads, out // heads // 2, 2, *cols).transpose(1, 2).reshape(out, *cols)
+
+
+def iter_gguf(path: Path, hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, float32 tensor) pairs, dequantizing one tensor at a time."""
+    from gguf.quants import dequantize
+
+    reader = open_gguf(path)
+    arch = _metadata(reader, path)["general.architecture"]
+    permuted = _ARCHITECTURES[arch][2]
+    rope_heads = {"q_proj": hf_config.num_attention_heads, "k_proj": hf_config.num_key_value_heads}
+    for tensor in reader.tensors:
+        name = hf_tensor_name(tensor.name)
+        if name is None:
+            raise ModelLoadError(f"{path}: tensor {tensor.name!r} has no place in a {arch} model")
+        try:
+            weight = torch.from_numpy(dequantize(tensor.data, tensor.tensor_type).copy())
+        except Exception as exc:
+            raise ModelLoadError(f"{path}: tensor {tensor.name!r} cannot be dequantized: {exc}") from None
+        projection = name.split(".")[-2]
+        if permuted and projection in rope_heads:
+            weight = _unpermute_rope_rows(weight, rope_heads[projection])
+        yield name, weight

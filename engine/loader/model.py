@@ -1,0 +1,80 @@
+"""Building a model module and loading its weights, tensor by tensor, from an HF directory or a GGUF file."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from engine.config import EngineConfig
+from engine.layers.linear import WeightShapeError, default_weight_loader
+from engine.loader.errors import ModelLoadError
+from engine.loader.hub import is_gguf, resolve_model
+from engine.models.registry import model_class
+
+
+@contextmanager
+def _building_on(device: str, dtype: torch.dtype) -> Iterator[None]:
+    """Parameters are created directly on the target device in the target dtype (no float32 copy on the host)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def load_model(config: EngineConfig, hf_config: Any) -> nn.Module:
+    """The model for `config` on `config.device` in `config.dtype`, weights loaded, in eval mode."""
+    cls = model_class(hf_config)
+    with _building_on(config.device, getattr(torch, config.dtype)):
+        model = cls(hf_config)
+    path = resolve_model(config.model, config.revision, config.download_dir)
+    if is_gguf(path):
+        from engine.loader.gguf import iter_gguf
+
+        weights = iter_gguf(path, hf_config)
+    else:
+        from engine.loader.checkpoint import iter_checkpoint
+
+        weights = iter_checkpoint(path)
+    load_weights(model, weights, source=str(path))
+    return model.eval()
+
+
+def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
+    """Places each checkpoint tensor with the model's `map_checkpoint_name` and the parameter's `weight_loader`, then
+    checks that every parameter (every shard of a fused one) was filled."""
+    params = dict(model.named_parameters())  # tied weights appear once, under the embedding's name
+    arch = type(model).__name__
+    filled: set[tuple[str, str | None]] = set()
+    with torch.no_grad():
+        for name, tensor in weights:
+            target = model.map_checkpoint_name(name)
+            if target is None:
+                continue
+            param_name, shard = target
+            param = params.get(param_name)
+            if param is None:
+                raise ModelLoadError(f"{source}: tensor {name!r} has no place in {arch}")
+            try:
+                if shard is None:
+                    getattr(param, "weight_loader", default_weight_loader)(param, tensor)
+                else:
+                    param.weight_loader(param, tensor, shard)
+            except WeightShapeError as exc:
+                raise ModelLoadError(f"{source}: tensor {name!r}: {exc} (does config.json match the weights?)") from None
+            filled.add((param_name, shard))
+    missing = [
+        f"{name}[{shard}]" if shard else name
+        for name, param in params.items()
+        for shard in (getattr(param, "shard_names", None) or (None,))
+        if (name, shard) not in filled
+    ]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ModelLoadError(f"{source}: checkpoint lacks weights for {arch}: {shown}")

@@ -1,0 +1,155 @@
+"""The llama family: Llama, Mistral (sliding window), Qwen2 (q/k/v biases), SmolLM2 (a Llama with tied embeddings).
+
+q/k/v and gate/up are each one fused matmul. `map_checkpoint_name` is the single place that says where an HF
+checkpoint tensor goes, so a tensor-parallel loader can shard at load time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+import kernels
+from engine.layers.attention import Attention, AttentionMetadata
+from engine.layers.embedding import LMHead, VocabEmbedding
+from engine.layers.linear import Linear
+from engine.layers.norm import RMSNorm
+from engine.layers.rotary import RotaryEmbedding, rope_parameters
+
+# Checkpoint projection name -> (fused module, shard).
+_FUSED = {
+    "q_proj": ("qkv_proj", "q"),
+    "k_proj": ("qkv_proj", "k"),
+    "v_proj": ("qkv_proj", "v"),
+    "gate_proj": ("gate_up_proj", "gate"),
+    "up_proj": ("gate_up_proj", "up"),
+}
+
+
+def head_dim_of(hf_config: Any) -> int:
+    return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+
+
+def sliding_windows(hf_config: Any) -> list[int | None]:
+    """Per-layer sliding window: transformers 5 lists `layer_types`; older configs set `sliding_window` for all
+    layers (Mistral) or gate it with `use_sliding_window` (Qwen2)."""
+    window = getattr(hf_config, "sliding_window", None)
+    layer_types = getattr(hf_config, "layer_types", None)
+    if layer_types:
+        return [window if kind == "sliding_attention" else None for kind in layer_types]
+    if not getattr(hf_config, "use_sliding_window", True):
+        window = None
+    return [window] * hf_config.num_hidden_layers
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, hf_config: Any, rotary: RotaryEmbedding, sliding_window: int | None, qkv_bias: bool):
+        super().__init__()
+        self.head_dim = head_dim_of(hf_config)
+        self.num_heads, self.num_kv_heads = hf_config.num_attention_heads, hf_config.num_key_value_heads
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        o_bias = getattr(hf_config, "attention_bias", False)
+        self.qkv_proj = Linear(
+            hf_config.hidden_size, q_size + 2 * kv_size, qkv_bias or o_bias, {"q": q_size, "k": kv_size, "v": kv_size}
+        )
+        self.o_proj = Linear(q_size, hf_config.hidden_size, o_bias)
+        self.rotary = rotary
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, sliding_window)
+        self.splits = [q_size, kv_size, kv_size]
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        q, k, v = self.qkv_proj(hidden).split(self.splits, dim=-1)
+        q, k = self.rotary(
+            positions, q.view(-1, self.num_heads, self.head_dim), k.view(-1, self.num_kv_heads, self.head_dim)
+        )
+        return self.o_proj(self.attn(q.flatten(1), k.flatten(1), v, meta))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, hf_config: Any):
+        super().__init__()
+        hidden, inter = hf_config.hidden_size, hf_config.intermediate_size
+        bias = getattr(hf_config, "mlp_bias", False)
+        self.gate_up_proj = Linear(hidden, 2 * inter, bias, {"gate": inter, "up": inter})
+        self.down_proj = Linear(inter, hidden, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, hf_config: Any, rotary: RotaryEmbedding, sliding_window: int | None, qkv_bias: bool):
+        super().__init__()
+        self.self_attn = LlamaAttention(hf_config, rotary, sliding_window, qkv_bias)
+        self.mlp = LlamaMLP(hf_config)
+        self.input_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
+
+    def forward(
+        self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            hidden, residual = self.input_layernorm(hidden), hidden
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, meta)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, hf_config: Any, qkv_bias: bool):
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(hf_config.vocab_size, hf_config.hidden_size)
+        # One cos/sin cache, shared by every layer.
+        rotary = RotaryEmbedding(head_dim_of(hf_config), hf_config.max_position_embeddings, rope_parameters(hf_config))
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(hf_config, rotary, window, qkv_bias) for window in sliding_windows(hf_config)
+        )
+        self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        hidden, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual, meta)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class LlamaForCausalLM(nn.Module):
+    """Llama, Mistral and SmolLM2 checkpoints."""
+
+    qkv_bias = False
+
+    def __init__(self, hf_config: Any):
+        super().__init__()
+        self.config = hf_config
+        self.model = LlamaModel(hf_config, self.qkv_bias)
+        self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
+        tied = self.model.embed_tokens if self.tie_word_embeddings else None
+        self.lm_head = LMHead(hf_config.vocab_size, hf_config.hidden_size, tied)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids/positions [T] -> hidden states [T, hidden]."""
+        return self.model(input_ids, positions, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, hidden] (the rows to sample from) -> logits [N, vocab]."""
+        return self.lm_head(hidden)
+
+    def map_checkpoint_name(self, name: str) -> tuple[str, str | None] | None:
+        """HF checkpoint tensor name -> (parameter name, shard of a fused layer), or None to skip the tensor."""
+        if "rotary_emb.inv_freq" in name or (self.tie_word_embeddings and name.startswith("lm_head.")):
+            return None
+        for checkpoint, (fused, shard) in _FUSED.items():
+            if f".{checkpoint}." in name:
+                return name.replace(f".{checkpoint}.", f".{fused}."), shard
+        return name, None
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    """Qwen2 / Qwen2.5: a Llama with biases on the q/k/v projections."""
+
+    qkv_bias = True
