@@ -1,0 +1,150 @@
+"""AsyncEngine: the engine behind the HTTP server. The engine loop runs on a background thread; asyncio callers submit
+requests and read outputs through queues, so a model step never blocks the event loop.
+
+    engine = AsyncEngine(config)                      # or AsyncEngine.from_engine(llm_engine)
+    async for output in engine.generate(prompt, params, request_id):
+        output.outputs[0].text                        # cumulative; stream the part past what was already sent
+    await engine.abort(request_id)                    # stops it and frees its KV blocks
+    engine.stats()                                    # EngineStats: counters for vLLM's Prometheus metrics
+
+- `generate(prompt: str | list[int], params, request_id)` yields cumulative RequestOutputs (vLLM style): each
+  `outputs[i]` has `.text`, `.token_ids`, `.finish_reason` ("stop" | "length" | "abort"), `.stop_reason`,
+  `.logprobs`; the last one has `finished=True`. `output.metrics` (RequestMetrics) carries arrival, first-scheduled,
+  first-token, last-token and finished times plus one timestamp per step that produced tokens: TTFT, inter-token
+  latency and end-to-end latency follow. Text is held back while it could be the start of a stop string, so it only
+  ever grows.
+- Bad input raises before anything is queued: `InvalidPromptError` (a ValueError: empty prompt, prompt not shorter
+  than max_model_len — the message names both counts —, unknown token ids), `SamplingParamsError` (ValueError, names
+  the field) when params are built, `ValueError` for a duplicate request id. Map them to HTTP 400.
+- A generator closed early (client disconnect) aborts its request.
+- If the engine loop dies, every open and later request raises `EngineDeadError` (a RuntimeError).
+- `stats()` returns the EngineStats snapshot taken after the latest step (running / waiting counts, KV cache usage,
+  prompt / generation token totals, preemptions, prefix cache queries / hits).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+from engine.config import EngineConfig
+from engine.core.engine import EngineStats, InvalidPromptError, LLMEngine
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+
+__all__ = ["AsyncEngine", "EngineDeadError", "InvalidPromptError"]
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop crashed; the cause is chained."""
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig, engine: LLMEngine | None = None):
+        self.engine = engine or LLMEngine.from_config(config)
+        self.config = self.engine.config
+        self.tokenizer = self.engine.tokenizer
+        self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stats = self.engine.stats()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> AsyncEngine:
+        return cls(config)
+
+    @classmethod
+    def from_engine(cls, engine: LLMEngine) -> AsyncEngine:
+        return cls(engine.config, engine)
+
+    async def generate(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        self._raise_if_dead()
+        text, token_ids = self.engine.check_prompt(prompt)
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        outputs: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), outputs)
+        self._commands.put(("add", (request_id, text, params, token_ids)))
+        finished = False
+        try:
+            while not finished:
+                output = await outputs.get()
+                if isinstance(output, ValueError):  # the engine refused the request
+                    raise output
+                if isinstance(output, BaseException):
+                    raise EngineDeadError("the engine loop stopped") from output
+                finished = output.finished
+                yield output
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._commands.put(("abort", request_id))
+
+    async def abort(self, request_id: str) -> None:
+        """Stops the request (its stream ends with finish_reason "abort") and frees its KV blocks."""
+        self._commands.put(("abort", request_id))
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    def is_running(self) -> bool:
+        return self._thread.is_alive() and self._error is None
+
+    def shutdown(self) -> None:
+        self._commands.put(("stop", None))
+        self._thread.join(timeout=30)
+
+    def _raise_if_dead(self) -> None:
+        if self._error is not None:
+            raise EngineDeadError("the engine loop stopped") from self._error
+
+    # -- the engine thread ---------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while self._handle_commands(block=not self.engine.has_unfinished_requests()):
+                self._publish(self.engine.step())
+                self._stats = self.engine.stats()
+        except BaseException as error:  # noqa: BLE001 - reported to every waiting caller
+            self._error = error
+            for loop, outputs in list(self._streams.values()):
+                loop.call_soon_threadsafe(outputs.put_nowait, error)
+
+    def _handle_commands(self, block: bool) -> bool:
+        """Applies queued adds and aborts (waiting for one when idle); False once asked to stop."""
+        while True:
+            try:
+                command, arg = self._commands.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            if command == "stop":
+                return False
+            if command == "add":
+                request_id, text, params, token_ids = arg
+                try:
+                    self.engine.add_request(request_id, text, params, prompt_token_ids=token_ids)
+                except ValueError as error:  # e.g. the id of a request whose abort is still queued
+                    self._publish_to(request_id, error)
+            elif command == "abort":
+                output = self.engine.abort_request(arg)
+                if output is not None:
+                    self._publish([output])
+            self._stats = self.engine.stats()
+
+    def _publish(self, outputs: list[RequestOutput]) -> None:
+        for output in outputs:
+            self._publish_to(output.request_id, output)
+
+    def _publish_to(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            loop, outputs = stream
+            loop.call_soon_threadsafe(outputs.put_nowait, item)
