@@ -69,17 +69,25 @@ def stop_process_group(pid: int, grace: float = STOP_GRACE_S, create_time: float
             return
     except psutil.NoSuchProcess:
         pass
-    members = _group_members(pid)
-    if not members:
+    if not _group_members(pid):
         return
     _signal_group(pid, signal.SIGTERM)
-    _, alive = psutil.wait_procs(members, timeout=grace)
-    if alive:
+    if not _wait_group_gone(pid, grace):
         _signal_group(pid, signal.SIGKILL)
-        psutil.wait_procs(alive, timeout=5)
+        _wait_group_gone(pid, 5.0)
+
+
+def _wait_group_gone(pgid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while _group_members(pgid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def _group_members(pgid: int) -> list[psutil.Process]:
+    """Live processes of the group; zombies count as gone (their parent may not be us, and PID 1 may not reap)."""
     members = []
     for proc in psutil.process_iter():
         try:
