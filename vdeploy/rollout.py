@@ -51,6 +51,10 @@ _CAUSES: list[tuple[re.Pattern[str], str]] = [
         "missing Python package: {module} (install it on the machine that runs the replica)",
     ),
     (
+        re.compile(r"DefaultCPUAllocator: can't allocate memory[^\n]*|Cannot allocate memory"),
+        "out of host memory: lower the KV cache (memory.max_model_len, max_num_seqs) or free RAM",
+    ),
+    (
         re.compile(r"(not enough memory|insufficient memory|No available memory for the cache blocks)[^\n]*", re.I),
         "not enough memory for the KV cache: lower max_model_len or max_num_seqs, or raise gpu_memory_utilization",
     ),
@@ -91,6 +95,13 @@ def parse_duration(value: Any, default: float) -> float:
     return float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[match[2]]
 
 
+def readiness_timeout(plan: dict[str, Any]) -> float:
+    """How long a new revision may take to become ready: the tighter of rollout.timeout and health.startup_timeout."""
+    rollout = parse_duration((plan.get("rollout") or {}).get("timeout"), default=1200.0)
+    startup = parse_duration((plan.get("health") or {}).get("startup_timeout"), default=rollout)
+    return min(rollout, startup)
+
+
 class RolloutFailed(Exception):
     """The new revision could not become ready; the message is the root cause."""
 
@@ -103,7 +114,7 @@ async def roll_out(supervisor: Supervisor, revision: int) -> str:
     old replicas first and, if the new ones fail, starts the old revision again.
     """
     plan = supervisor.deployment.plan(revision)
-    timeout = parse_duration(plan.get("rollout", {}).get("timeout"), default=600.0)
+    timeout = readiness_timeout(plan)
     old = [r for r in supervisor.replicas if r.revision != revision]
     old_revision = supervisor.serving_revision
 
@@ -143,5 +154,67 @@ async def wait_ready(supervisor: Supervisor, replicas: list[Replica], timeout: f
         if time.monotonic() > deadline:
             slow = next(r for r in replicas if r.state != "ready")
             cause = root_cause(slow.log_tail()) if slow.log_tail() else "no output in its log"
-            raise RolloutFailed(f"replica {slow.index} not ready after {timeout:.0f}s (rollout.timeout); last: {cause}")
+            raise RolloutFailed(f"replica {slow.index} not ready after {timeout:.0f}s (rollout.timeout); log: {cause}")
         await asyncio.sleep(0.2)
+
+
+# The CLI's side of a rollout: what would change, and waiting for the supervisor to finish.
+
+
+def changes(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
+    """`field: old -> new` for each runtime setting that differs (empty: nothing to roll out)."""
+    from vdeploy.state import RUNTIME_KEYS
+
+    if old is None:
+        return ["new deployment"]
+    before, after = _flatten({k: old.get(k) for k in RUNTIME_KEYS}), _flatten({k: new.get(k) for k in RUNTIME_KEYS})
+    return [
+        f"{key}: {before.get(key)!r} -> {after.get(key)!r}"
+        for key in sorted(before.keys() | after.keys())
+        if before.get(key) != after.get(key)
+    ]
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        flat: dict[str, Any] = {}
+        for key, item in value.items():
+            flat.update(_flatten(item, f"{prefix}{key}."))
+        return flat
+    return {prefix.rstrip("."): value}
+
+
+def live_plan(deployment) -> dict[str, Any] | None:
+    """The plan of the revision the deployment's supervisor is serving, or None when nothing is."""
+    if not deployment.supervisor_alive():
+        return None
+    revision = deployment.status().get("revision")
+    return deployment.plan(revision) if revision is not None else None
+
+
+def wait_for_rollout(deployment, generation: int, timeout: float) -> dict[str, Any]:
+    """Wait for the supervisor to finish request `generation`; returns its rollout record (`phase` is complete,
+    failed, superseded or timeout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = deployment.supervisor_alive()
+        status = deployment.status()
+        rollout = dict(status.get("rollout") or {})
+        if (rollout.get("generation") or 0) > generation:
+            return {**rollout, "phase": "superseded", "reason": "a newer apply replaced this request"}
+        if rollout.get("generation") == generation and rollout.get("phase") in ("complete", "failed"):
+            return rollout
+        if not alive:
+            reason = status.get("error") or _supervisor_exit_reason(deployment)
+            return {**rollout, "phase": "failed", "reason": f"the supervisor exited: {reason}"}
+        if time.monotonic() > deadline:
+            return {**rollout, "phase": "timeout", "reason": f"not ready after {timeout:.0f}s; still rolling out"}
+        time.sleep(0.2)
+
+
+def _supervisor_exit_reason(deployment) -> str:
+    try:
+        tail = deployment.supervisor_log.read_text(errors="replace")[-8000:]
+    except FileNotFoundError:
+        return "no supervisor log"
+    return root_cause(tail)

@@ -35,8 +35,9 @@ from vdeploy.state import Deployment
 log = logging.getLogger("vdeploy.supervisor")
 
 TICK_S = 0.25
-HEALTH_INTERVAL_S = 2.0  # for ready replicas; starting ones are checked every tick
-UNHEALTHY_AFTER = 3  # consecutive failed health checks before a ready replica leaves the router
+# Health probes (the recipe's `health` section overrides these): starting replicas are probed every tick, ready ones
+# every `interval` s; `failure_threshold` failures in a row take a ready replica out of the router until it recovers.
+HEALTH_DEFAULTS = {"path": "/health", "interval": 10.0, "timeout": 5.0, "failure_threshold": 3}
 STABLE_AFTER_S = 60.0  # a replica up this long after a restart is no longer crash-looping
 MAX_BACKOFF_S = 60.0
 CRASH_LOOP_AFTER = 3  # consecutive crashes within STABLE_AFTER_S of their start
@@ -116,6 +117,7 @@ class Replica:
     argv: list[str]
     env: dict[str, str]
     log_path: Path
+    health: dict[str, Any] = field(default_factory=lambda: dict(HEALTH_DEFAULTS))
     process: subprocess.Popen | None = None
     state: str = "starting"  # starting | ready | unhealthy | crashed | failed | stopping
     restarts: int = 0
@@ -233,7 +235,14 @@ class Supervisor:
             except BackendUnavailable as e:
                 raise RolloutFailed(str(e)) from e
             replica = Replica(
-                revision, index, port, gpus, argv, replica_env(plan, gpus), self.deployment.replica_log(revision, index)
+                revision,
+                index,
+                port,
+                gpus,
+                argv,
+                replica_env(plan, gpus),
+                self.deployment.replica_log(revision, index),
+                health={**HEALTH_DEFAULTS, **(plan.get("health") or {})},
             )
             replica.start()
             log.info(
@@ -407,7 +416,7 @@ class Supervisor:
         results = await asyncio.gather(*(self._healthy(r) for r in due))
         changed = False
         for replica, ok in zip(due, results, strict=True):
-            replica.next_health_at = now + (HEALTH_INTERVAL_S if replica.ever_ready else TICK_S)
+            replica.next_health_at = now + (replica.health["interval"] if replica.ever_ready else TICK_S)
             if ok:
                 replica.health_failures = 0
                 if replica.state != "ready":
@@ -415,18 +424,16 @@ class Supervisor:
                     changed = True
             elif replica.state in ("ready", "unhealthy"):
                 replica.health_failures += 1
-                if replica.state == "ready" and replica.health_failures >= UNHEALTHY_AFTER:
+                if replica.state == "ready" and replica.health_failures >= replica.health["failure_threshold"]:
                     replica.state = "unhealthy"
                     changed = True
         if changed:
             self.publish()
 
     async def _healthy(self, replica: Replica) -> bool:
-        plan_health = self.deployment.plan(replica.revision).get("health") or {}
-        path = plan_health.get("path", "/health")
-        timeout = 5.0 if replica.ever_ready else 1.0
+        timeout = replica.health["timeout"] if replica.ever_ready else 1.0
         try:
-            reply = await self._health.get(replica.backend.url + path, timeout=timeout)
+            reply = await self._health.get(replica.backend.url + replica.health["path"], timeout=timeout)
         except httpx.HTTPError:
             return False
         return reply.status_code == 200

@@ -13,6 +13,7 @@ from typing import Any
 import jinja2
 
 from vdeploy.backends import builtin, vllm
+from vdeploy.rollout import readiness_timeout
 
 TARGETS = ("builtin", "vllm", "systemd", "k8s")
 DEFAULT_IMAGES = {"builtin": "vdeploy:latest", "vllm": "vllm/vllm-openai:latest"}
@@ -92,12 +93,6 @@ def _kubernetes(plan: dict[str, Any], image: str | None) -> str:
         gpus=gpus,
         shared_memory=engine["tensor_parallel_size"] * engine["pipeline_parallel_size"] > 1,
         health_path=(plan.get("health") or {}).get("path", "/health"),
-        startup_seconds=int(_timeout(plan)),
+        startup_seconds=int(readiness_timeout(plan)),
         blue_green=(plan.get("rollout") or {}).get("strategy") == "blue_green",
     )
-
-
-def _timeout(plan: dict[str, Any]) -> float:
-    from vdeploy.rollout import parse_duration
-
-    return parse_duration((plan.get("rollout") or {}).get("timeout"), default=600.0)
