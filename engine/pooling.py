@@ -1,8 +1,10 @@
 """The pooling runner (`runner: pooling`): embeddings from an encoder, batched across concurrent requests.
 
 An encoder reads a whole prompt in one forward and keeps no KV cache, so its engine is small: requests queue up,
-and each step runs every waiting prompt that fits under `max_num_seqs` / `max_num_batched_tokens` as one flat token
-batch, pools each sequence's hidden states into one vector and resolves its future.
+and each step runs the oldest waiting prompts that fit under `max_num_seqs` / `max_num_batched_tokens` as one flat
+token batch, pools each sequence's hidden states into one vector and hands it back. Like AsyncEngine, the loop runs
+on a background thread so a forward never blocks the server's event loop, and the two share their interface
+(`tokenizer`, `max_model_len`, `stats()`, `is_running()`, `shutdown()`).
 
 Pooling follows the model's sentence-transformers files when present (`1_Pooling/config.json` picks mean / CLS /
 last-token; a `Normalize` module in `modules.json` turns on L2 normalisation); otherwise an encoder pools CLS and a
@@ -15,13 +17,16 @@ import asyncio
 import json
 import logging
 import os
-import time
-from dataclasses import dataclass, field
+import queue
+import threading
+from collections import deque
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 from engine.config import EngineConfig
+from engine.core.engine import EngineStats
 from engine.layers.attention import AttentionMetadata
 
 logger = logging.getLogger("engine.pooling")
@@ -74,118 +79,118 @@ def pool(hidden: torch.Tensor, cu_seqlens: list[int], spec: PoolingSpec) -> torc
 @dataclass
 class _Request:
     token_ids: list[int]
+    loop: asyncio.AbstractEventLoop
     future: asyncio.Future
-    arrival: float = field(default_factory=time.monotonic)
 
 
 class PoolingEngine:
-    """`await engine.embed(token_ids)` -> the pooled vector (list of floats) for one prompt.
-
-    Construct inside a running event loop's thread (the server's start-up hook); `start()` launches the batching loop.
-    """
+    """`await engine.embed(token_ids)` -> the pooled vector (a list of floats) of one prompt."""
 
     def __init__(self, config: EngineConfig):
-        from transformers import AutoConfig, AutoTokenizer
-
-        from engine.models.bert import BertModel
+        from engine.loader import load_hf_config, load_model, load_tokenizer, resolve_model
 
         self.config = config
-        self.hf_config = AutoConfig.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
-        architecture = (self.hf_config.architectures or ["?"])[0]
-        if architecture not in ("BertModel", "BertForMaskedLM", "BertForPreTraining"):
-            raise ValueError(f"runner 'pooling' supports BERT encoders; {config.model} is a {architecture}")
-        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model)
-        self.max_model_len = min(config.max_model_len, self.hf_config.max_position_embeddings)
+        hf_config = load_hf_config(config)
+        self.tokenizer = load_tokenizer(config)
+        self.model = load_model(config, hf_config)
         self.device = torch.device(config.device)
-        self.dtype = getattr(torch, config.dtype)
-        self.model = BertModel(self.hf_config)
-        self.model.load_weights(_safetensors_weights(config.model))
-        self.model.to(self.device, self.dtype).eval()
-        self.spec = pooling_spec(config.model, config.convert, is_encoder=True)
-        self.embedding_size = self.hf_config.hidden_size
+        self.max_model_len = min(config.max_model_len, hf_config.max_position_embeddings)
+        self.spec = pooling_spec(
+            str(resolve_model(config.model, config.revision, config.download_dir)), config.convert, is_encoder=True
+        )
         logger.info(
-            "pooling runner: %s, %s pooling, normalize=%s, max_model_len=%d, dtype=%s",
-            architecture,
+            "pooling runner: %s, %s pooling, normalize=%s, %d-d vectors, max_model_len=%d, up to %d prompts / %d "
+            "tokens a step",
+            type(self.model).__name__,
             self.spec.method,
             self.spec.normalize,
+            hf_config.hidden_size,
             self.max_model_len,
-            config.dtype,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
         )
-        self._waiting: list[_Request] = []
-        self._wakeup = asyncio.Event()
+        self._incoming: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
+        self._waiting: deque[_Request] = deque()  # taken from _incoming, not yet run (engine thread only)
         self._running = 0
         self._prompt_tokens = 0
-        self._loop_task: asyncio.Task | None = None
-
-    def start(self) -> None:
-        self._loop_task = asyncio.get_running_loop().create_task(self._run())
-
-    async def shutdown(self) -> None:
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-
-    @property
-    def is_running(self) -> bool:
-        return self._loop_task is not None and not self._loop_task.done()
+        self._thread = threading.Thread(target=self._run, name="pooling-loop", daemon=True)
+        self._thread.start()
 
     async def embed(self, token_ids: list[int]) -> list[float]:
         if not token_ids:
             raise ValueError("the prompt is empty")
         if len(token_ids) > self.max_model_len:
             raise ValueError(
-                f"This model's maximum context length is {self.max_model_len} tokens, "
-                f"but the input has {len(token_ids)} tokens."
+                f"the prompt has {len(token_ids)} tokens, but this model's maximum context length is "
+                f"{self.max_model_len} tokens"
             )
-        request = _Request(token_ids, asyncio.get_running_loop().create_future())
-        self._waiting.append(request)
-        self._wakeup.set()
+        loop = asyncio.get_running_loop()
+        request = _Request(list(token_ids), loop, loop.create_future())
+        self._incoming.put(request)
         return await request.future
 
-    def stats(self) -> dict[str, float]:
-        return {
-            "num_requests_running": self._running,
-            "num_requests_waiting": len(self._waiting),
-            "kv_cache_usage": 0.0,  # an encoder keeps no KV cache
-            "prompt_tokens": self._prompt_tokens,
-            "generation_tokens": 0,
-            "num_preemptions": 0,
-            "prefix_cache_queries": 0,
-            "prefix_cache_hits": 0,
-        }
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=self._running,
+            num_waiting=len(self._waiting) + self._incoming.qsize(),
+            kv_cache_usage=0.0,  # an encoder keeps no KV cache
+            kv_blocks_total=0,
+            kv_blocks_free=0,
+            kv_waste_slots=0,
+            prompt_tokens_total=self._prompt_tokens,
+            generation_tokens_total=0,
+            num_preemptions_total=0,
+            prefix_cache_queries_total=0,
+            prefix_cache_hits_total=0,
+        )
 
-    async def _run(self) -> None:
+    def is_running(self) -> bool:
+        return self._thread.is_alive()
+
+    def shutdown(self) -> None:
+        self._incoming.put(None)
+        self._thread.join(timeout=30)
+
+    # -- the engine thread ---------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while self._take_incoming(block=not self._waiting):
+            batch = self._next_batch()
+            self._running = len(batch)
+            try:
+                vectors = self._forward([r.token_ids for r in batch])
+            except Exception as error:  # a failed step fails its requests, not the engine
+                logger.exception("pooling step failed")
+                results: list = [error] * len(batch)
+            else:
+                results = vectors
+            self._running = 0
+            for request, result in zip(batch, results, strict=True):
+                request.loop.call_soon_threadsafe(_resolve, request.future, result)
+
+    def _take_incoming(self, block: bool) -> bool:
+        """Moves submitted requests to the waiting queue (waiting for one when idle); False once shut down."""
         while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            while self._waiting:
-                batch = self._next_batch()
-                self._running = len(batch)
-                try:
-                    vectors = await asyncio.to_thread(self._forward, [r.token_ids for r in batch])
-                except Exception as error:  # a failed step fails its requests, not the server
-                    logger.exception("pooling step failed")
-                    for request in batch:
-                        if not request.future.done():
-                            request.future.set_exception(error)
-                else:
-                    for request, vector in zip(batch, vectors, strict=True):
-                        if not request.future.done():  # the client may have gone away
-                            request.future.set_result(vector)
-                finally:
-                    self._running = 0
+            try:
+                request = self._incoming.get(block=block)
+            except queue.Empty:
+                return True
+            if request is None:
+                return False
+            self._waiting.append(request)
+            block = False
 
     def _next_batch(self) -> list[_Request]:
         """FCFS: the oldest waiting prompts that fit the step's sequence and token limits (always at least one)."""
-        batch, tokens = [], 0
-        for request in self._waiting:
-            if batch and (
-                len(batch) == self.config.max_num_seqs
-                or tokens + len(request.token_ids) > self.config.max_num_batched_tokens
-            ):
-                break
-            batch.append(request)
-            tokens += len(request.token_ids)
-        del self._waiting[: len(batch)]
+        batch = [self._waiting.popleft()]
+        tokens = len(batch[0].token_ids)
+        while (
+            self._waiting
+            and len(batch) < self.config.max_num_seqs
+            and tokens + len(self._waiting[0].token_ids) <= self.config.max_num_batched_tokens
+        ):
+            batch.append(self._waiting.popleft())
+            tokens += len(batch[-1].token_ids)
         self._prompt_tokens += tokens
         return batch
 
@@ -207,13 +212,10 @@ class PoolingEngine:
         return pool(hidden, cu_seqlens, self.spec).cpu().tolist()
 
 
-def _safetensors_weights(model_dir: str):
-    from safetensors import safe_open
-
-    files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
-    if not files:
-        raise ValueError(f"{model_dir}: no .safetensors weights found")
-    for name in files:
-        with safe_open(os.path.join(model_dir, name), framework="pt") as f:
-            for key in f.keys():
-                yield key, f.get_tensor(key)
+def _resolve(future: asyncio.Future, result: list[float] | BaseException) -> None:
+    if future.done():  # the caller went away
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)

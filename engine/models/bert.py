@@ -7,13 +7,12 @@ the whole prompt in one forward. Every sequence is a single segment (token type 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from engine.layers.attention import Attention, AttentionMetadata
+from engine.layers.linear import Linear
 
 
 class BertLayer(nn.Module):
@@ -21,12 +20,13 @@ class BertLayer(nn.Module):
         super().__init__()
         self.hidden = hidden
         head_dim = hidden // heads
-        self.qkv_proj = nn.Linear(hidden, 3 * hidden)  # query, key, value fused into one matmul
+        # query, key and value fused into one matmul
+        self.qkv_proj = Linear(hidden, 3 * hidden, bias=True, shards={"query": hidden, "key": hidden, "value": hidden})
         self.attn = Attention(heads, heads, head_dim, scale=head_dim**-0.5, causal=False)
-        self.attn_out = nn.Linear(hidden, hidden)
+        self.attn_out = Linear(hidden, hidden, bias=True)
         self.attn_norm = nn.LayerNorm(hidden, eps=eps)
-        self.up_proj = nn.Linear(hidden, intermediate)
-        self.down_proj = nn.Linear(intermediate, hidden)
+        self.up_proj = Linear(hidden, intermediate, bias=True)
+        self.down_proj = Linear(intermediate, hidden, bias=True)
         self.mlp_norm = nn.LayerNorm(hidden, eps=eps)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -41,7 +41,9 @@ class BertModel(nn.Module):
     def __init__(self, hf_config):
         super().__init__()
         if getattr(hf_config, "position_embedding_type", "absolute") != "absolute":
-            raise ValueError(f"BertModel: position_embedding_type {hf_config.position_embedding_type!r} is not supported")
+            raise ValueError(
+                f"BertModel: position_embedding_type {hf_config.position_embedding_type!r} is not supported"
+            )
         if hf_config.hidden_act != "gelu":
             raise ValueError(f"BertModel: hidden_act {hf_config.hidden_act!r} is not supported (only 'gelu')")
         hidden, eps = hf_config.hidden_size, hf_config.layer_norm_eps
@@ -61,27 +63,21 @@ class BertModel(nn.Module):
             x = layer(x, meta)
         return x
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Loads HF checkpoint tensors (names with or without the `bert.` prefix); heads a checkpoint may carry
-        (pooler, MLM, classifier) are skipped. Raises ValueError naming any parameter left unloaded."""
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            target = _param_name(name.removeprefix("bert."))
-            if target is None:
-                continue
-            param_name, qkv_index = target
-            param = params[param_name]
-            with torch.no_grad():
-                if qkv_index is None:
-                    param.copy_(tensor)
-                else:  # one third of the fused qkv projection
-                    param.narrow(0, qkv_index * param.shape[0] // 3, param.shape[0] // 3).copy_(tensor)
-            loaded.add(f"{param_name}#{qkv_index}")
-        expected = {f"{n}#{i}" for n in params for i in ((0, 1, 2) if ".qkv_proj." in n else (None,))}
-        missing = sorted(expected - loaded)
-        if missing:
-            raise ValueError(f"BertModel: checkpoint lacks {len(missing)} tensors, e.g. {missing[0].split('#')[0]}")
+    def map_checkpoint_name(self, name: str) -> tuple[str, str | None] | None:
+        """HF checkpoint tensor name (with or without the `bert.` prefix) -> (parameter name, shard of the fused
+        qkv projection), or None for tensors an encoder does not use (position_ids, pooler, MLM/classifier heads)."""
+        name = name.removeprefix("bert.")
+        if name in _EMBEDDING_NAMES:
+            return _EMBEDDING_NAMES[name], None
+        if not name.startswith("encoder.layer."):
+            return None
+        index, rest = name.removeprefix("encoder.layer.").split(".", 1)
+        module, kind = rest.rsplit(".", 1)
+        if module.startswith("attention.self."):
+            return f"layers.{index}.qkv_proj.{kind}", module.removeprefix("attention.self.")
+        if module not in _LAYER_NAMES:
+            return name, None  # the loader reports it as a tensor with no place in the model
+        return f"layers.{index}.{_LAYER_NAMES[module]}.{kind}", None
 
 
 _EMBEDDING_NAMES = {
@@ -98,17 +94,3 @@ _LAYER_NAMES = {
     "output.dense": "down_proj",
     "output.LayerNorm": "mlp_norm",
 }
-_QKV_INDEX = {"query": 0, "key": 1, "value": 2}
-
-
-def _param_name(checkpoint_name: str) -> tuple[str, int | None] | None:
-    """Maps an HF BERT tensor name to (our parameter, index into the fused qkv or None); None for tensors we skip."""
-    if checkpoint_name in _EMBEDDING_NAMES:
-        return _EMBEDDING_NAMES[checkpoint_name], None
-    if not checkpoint_name.startswith("encoder.layer."):
-        return None  # position_ids buffer, pooler, MLM / classification heads
-    index, rest = checkpoint_name.removeprefix("encoder.layer.").split(".", 1)
-    module, kind = rest.rsplit(".", 1)
-    if module.startswith("attention.self."):
-        return f"layers.{index}.qkv_proj.{kind}", _QKV_INDEX[module.removeprefix("attention.self.")]
-    return f"layers.{index}.{_LAYER_NAMES[module]}.{kind}", None

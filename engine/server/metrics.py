@@ -1,14 +1,15 @@
 """Prometheus metrics under vLLM's names, each labelled with `model_name`, so vLLM dashboards work unchanged.
 
-Engine state (running / waiting requests, KV cache usage, preemptions, prefix-cache counters) is read from
-`engine.stats()` at scrape time; the server counts tokens and finished requests and times each request itself
-(`RequestTimer`), since it sees every token the moment it is sent to the client.
+Engine counters (running / waiting requests, KV cache usage, token totals, preemptions, prefix-cache lookups) are
+read from `engine.stats()` (an EngineStats) at scrape time; the server counts finished requests and times each
+request itself (`RequestTimer`), since it sees every token the moment it is sent to the client.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -18,41 +19,44 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0)
 _E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0)
 
-# stats() key -> (metric name, help, kind)
+# EngineStats field -> (metric name, help, kind). Counters get Prometheus' `_total` suffix when exposed.
 _ENGINE_METRICS = {
-    "num_requests_running": ("vllm:num_requests_running", "Requests in the running batch.", "gauge"),
-    "num_requests_waiting": ("vllm:num_requests_waiting", "Requests waiting to be scheduled.", "gauge"),
+    "num_running": ("vllm:num_requests_running", "Requests in the running batch.", "gauge"),
+    "num_waiting": ("vllm:num_requests_waiting", "Requests waiting to be scheduled (or swapped out).", "gauge"),
     "kv_cache_usage": ("vllm:kv_cache_usage_perc", "Fraction of KV cache blocks in use (0-1).", "gauge"),
-    "num_preemptions": ("vllm:num_preemptions", "Preemptions since start.", "counter"),
-    "prefix_cache_queries": ("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", "counter"),
-    "prefix_cache_hits": ("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", "counter"),
+    "prompt_tokens_total": ("vllm:prompt_tokens", "Prompt tokens processed.", "counter"),
+    "generation_tokens_total": ("vllm:generation_tokens", "Tokens generated.", "counter"),
+    "num_preemptions_total": ("vllm:num_preemptions", "Preemptions since start.", "counter"),
+    "prefix_cache_queries_total": (
+        "vllm:prefix_cache_queries",
+        "Prompt tokens looked up in the prefix cache.",
+        "counter",
+    ),
+    "prefix_cache_hits_total": ("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", "counter"),
 }
 
 
 class _EngineCollector:
     """Reads the engine's counters at scrape time."""
 
-    def __init__(self, model_name: str, stats: Callable[[], Mapping[str, float]]):
+    def __init__(self, model_name: str, stats: Callable[[], Any]):
         self.model_name, self.stats = model_name, stats
 
     def collect(self) -> Iterator[Metric]:
         stats = self.stats()
         for key, (name, help_text, kind) in _ENGINE_METRICS.items():
-            family = (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(name, help_text, labels=["model_name"])
-            family.add_metric([self.model_name], float(stats.get(key, 0)))
+            family_type = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
+            family = family_type(name, help_text, labels=["model_name"])
+            family.add_metric([self.model_name], float(getattr(stats, key)))
             yield family
 
 
 class ServerMetrics:
-    def __init__(self, model_name: str, stats: Callable[[], Mapping[str, float]]):
+    def __init__(self, model_name: str, stats: Callable[[], Any]):
         self.model_name = model_name
         self.registry = CollectorRegistry()
         self.registry.register(_EngineCollector(model_name, stats))
         label = ["model_name"]
-        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens processed.", label, registry=self.registry)
-        self.generation_tokens = Counter(
-            "vllm:generation_tokens", "Generated tokens.", label, registry=self.registry
-        )
         self.request_success = Counter(
             "vllm:request_success",
             "Requests finished, by finish reason.",
@@ -84,8 +88,7 @@ class ServerMetrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    def request_timer(self, prompt_tokens: int) -> RequestTimer:
-        self.prompt_tokens.labels(self.model_name).inc(prompt_tokens)
+    def request_timer(self) -> RequestTimer:
         return RequestTimer(self)
 
 
@@ -102,7 +105,6 @@ class RequestTimer:
             return
         now = time.monotonic()
         name = self.metrics.model_name
-        self.metrics.generation_tokens.labels(name).inc(count)
         if not self.first_token_seen:
             self.first_token_seen = True
             self.metrics.time_to_first_token.labels(name).observe(now - self.arrival)

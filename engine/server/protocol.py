@@ -85,7 +85,7 @@ class CompletionChoice(BaseModel):
 
 class UsageInfo(BaseModel):
     prompt_tokens: int = 0
-    completion_tokens: int | None = 0
+    completion_tokens: int = 0
     total_tokens: int = 0
 
 
