@@ -152,20 +152,21 @@ def _attend_keys(
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
     out_ptr, part_out_ptr, part_max_ptr, part_sum_ptr,
-    qk_scale, window,
+    qk_scale, window, num_splits,
     stride_qb, stride_qh, stride_ob, stride_oh, stride_block, stride_slot, stride_head, stride_table,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, SLIDING: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr, SLIDING: tl.constexpr,
 ):
     """One program per (sequence, KV head, split): the GROUP query heads that share the KV head (padded to BLOCK_G
-    rows so tl.dot has M >= 16) attend over one contiguous share of the visible context. With NUM_SPLITS == 1 it
-    writes the output; otherwise unnormalised partials that _decode_reduce_kernel combines."""
+    rows so tl.dot has M >= 16) attend over one contiguous share of the visible context. It writes the output, or
+    with PARTIAL (num_splits > 1) unnormalised partials that _decode_reduce_kernel combines. num_splits is a
+    run-time argument so that each batch size's choice does not compile a new kernel."""
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
     first = 0
     if SLIDING:
         first = tl.maximum(seq_len - window, 0)
-    per_split = tl.cdiv(tl.cdiv(seq_len - first, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    per_split = tl.cdiv(tl.cdiv(seq_len - first, num_splits), BLOCK_N) * BLOCK_N
     lo = first + split * per_split
     hi = tl.minimum(lo + per_split, seq_len)
 
@@ -188,26 +189,26 @@ def _decode_split_kernel(
         BLOCK_N, BLOCK_SIZE, True, False, False,
     )
 
-    if NUM_SPLITS == 1:
-        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        out_ptrs = out_ptr + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
-        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_mask)
-    else:
-        part = (seq * GROUP * tl.num_programs(1) + heads) * NUM_SPLITS + split  # [B, H, NUM_SPLITS] row-major
+    if PARTIAL:
+        part = (seq * GROUP * tl.num_programs(1) + heads) * num_splits + split  # [B, H, num_splits] row-major
         tl.store(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_mask)
         tl.store(part_max_ptr + part, m_i, mask=offs_g < GROUP)
         tl.store(part_sum_ptr + part, l_i, mask=offs_g < GROUP)
+    else:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        out_ptrs = out_ptr + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_mask)
 
 
 @triton.jit
 def _decode_reduce_kernel(
-    part_out_ptr, part_max_ptr, part_sum_ptr, out_ptr, stride_ob, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+    part_out_ptr, part_max_ptr, part_sum_ptr, out_ptr, num_splits, stride_ob, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """One program per (sequence, query head): rescale each split's partial to the global max and normalise."""
     seq, head = tl.program_id(0), tl.program_id(1)
-    part = (seq * tl.num_programs(1) + head) * NUM_SPLITS + tl.arange(0, BLOCK_S)
-    s_mask = tl.arange(0, BLOCK_S) < NUM_SPLITS
+    part = (seq * tl.num_programs(1) + head) * num_splits + tl.arange(0, BLOCK_S)
+    s_mask = tl.arange(0, BLOCK_S) < num_splits
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     m = tl.load(part_max_ptr + part, mask=s_mask, other=float("-inf"))
@@ -362,17 +363,17 @@ def paged_decode_attention_triton(
     block_d = triton.next_power_of_2(head_dim)
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q, key_cache, value_cache, block_tables, seq_lens, out, part_out, part_max, part_sum,
-        scale * _LOG2E, _window(sliding_window),
+        scale * _LOG2E, _window(sliding_window), num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), block_tables.stride(0),
         GROUP=group, BLOCK_G=max(_MIN_DECODE_ROWS, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits,
+        BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=block_n, PARTIAL=num_splits > 1,
         SLIDING=sliding_window is not None, num_warps=_NUM_WARPS,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_heads)](
-            part_out, part_max, part_sum, out, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
+            part_out, part_max, part_sum, out, num_splits, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits),
             num_warps=_NUM_WARPS,
         )
     return out
