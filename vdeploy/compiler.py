@@ -1,0 +1,485 @@
+"""The compiler: recipe + hardware profile + model facts -> Plan. Every engine setting is decided here, with its reason.
+
+`compile()` is pure (no I/O, no clock, no torch): the same inputs give the same Plan. The functions after it are the
+front door that does the I/O first: `plan_recipe` (a loaded recipe: detect hardware, read model facts, compile) and
+`plan_from_args` (vLLM-style keyword arguments, for `vdeploy serve` and `LLM(...)`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from typing import Any
+
+from engine.config import EngineConfig, EngineConfigError
+from vdeploy import memory as mem
+from vdeploy.diagnostics import Diagnostic, error, format_text, has_errors, info, warning
+from vdeploy.modelinfo import ModelFacts, resolve_model
+from vdeploy.plan import Decision, MemoryBudget, Plan
+from vdeploy.profiles import HardwareProfile, ProfileError, detect, detected_profile, load_profile
+from vdeploy.recipe import Recipe, SourceMap, validate_recipe
+
+GiB = mem.GiB
+DEFAULT_UTILIZATION = 0.9  # vLLM's default gpu_memory_utilization
+FALLBACK_MAX_MODEL_LEN = 2048  # when the model's positions are unknown (no facts offline)
+CPU_KV_SHARE_WITHOUT_FACTS = 0.5  # share of the CPU budget given to the KV cache when the weights' size is unknown
+DTYPE_NAMES = {"half": "float16", "float16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16",
+               "float": "float32", "float32": "float32"}
+# Minimum compute capability of each quantization's GPU kernels (vLLM's figures).
+QUANT_MIN_CAPABILITY = {"awq": 7.5, "awq_marlin": 8.0, "gptq": 6.0, "gptq_marlin": 8.0, "gguf": 6.0, "fp8": 8.9,
+                        "bitsandbytes": 7.0}
+# Checkpoint formats a `quantization` setting can read; fp8 and bitsandbytes also quantize plain weights at load.
+QUANT_CHECKPOINTS = {"awq": {"awq"}, "awq_marlin": {"awq"}, "gptq": {"gptq"}, "gptq_marlin": {"gptq"},
+                     "gguf": {"gguf"}, "fp8": {"fp8", None}, "bitsandbytes": {"bitsandbytes", None}}
+_INT4 = ("awq", "gptq")
+
+
+class PlanError(Exception):
+    """A deployment that cannot work as asked; `diagnostics` are all the findings, errors first."""
+
+    def __init__(self, diagnostics: list[Diagnostic]):
+        order = {"error": 0, "warning": 1, "info": 2}
+        self.diagnostics = sorted(diagnostics, key=lambda d: order[d.severity])
+        super().__init__(format_text(d for d in self.diagnostics if d.severity == "error"))
+
+
+def compile(recipe: Recipe, profile: HardwareProfile, facts: ModelFacts | None) -> Plan:
+    """Resolve a recipe for a profile (whose `gpu_count` is the host's) and a model. Pure."""
+    return _Compiler(recipe, profile, facts).run()
+
+
+class _Compiler:
+    def __init__(self, recipe: Recipe, profile: HardwareProfile, facts: ModelFacts | None):
+        self.recipe, self.profile, self.facts = recipe, profile, facts
+        self.decisions: list[Decision] = []
+        self.diagnostics: list[Diagnostic] = []
+        self.settings: dict[str, Any] = {}  # EngineConfig keyword arguments decided so far
+
+    def decide(self, field: str, value: Any, reason: str) -> Any:
+        self.decisions.append(Decision(field=field, value=value, reason=reason))
+        return value
+
+    def error(self, code: str, message: str, field: str, hint: str | None = None) -> None:
+        self.diagnostics.append(error(code, message, field=field, hint=hint))
+
+    # ----------------------------------------------------------------------------------------------------------
+    def run(self) -> Plan:
+        r, p = self.recipe, self.profile
+        self.device = self.decide("device", p.device, f"profile {p.name} ({p.description})")
+        self.per_device = "per GPU" if self.device == "cuda" else "on the CPU"
+        self._parallelism()
+        runner, convert = self._runner()
+        dtype = self._dtype()
+        quantization = self._quantization()
+        eager = self._eager()
+        self._heads()
+        self._positions()
+        budget = self._memory(dtype, quantization, eager)
+        settings = dict(
+            model=self.facts.reference if self.facts else r.model,
+            served_model_name=r.served_model_name or r.model, revision=r.revision,
+            trust_remote_code=r.trust_remote_code, runner=runner, convert=convert, dtype=dtype,
+            quantization=quantization, device=self.device,
+            tensor_parallel_size=r.parallelism.tensor_parallel_size,
+            pipeline_parallel_size=r.parallelism.pipeline_parallel_size,
+            distributed_executor_backend=r.parallelism.distributed_executor_backend,
+            block_size=r.memory.block_size, kv_cache_dtype=r.memory.kv_cache_dtype, swap_space=r.memory.swap_space,
+            cpu_offload_gb=r.memory.cpu_offload_gb, enforce_eager=eager,
+            enable_prefix_caching=r.runtime.enable_prefix_caching,
+            enable_chunked_prefill=r.runtime.enable_chunked_prefill, seed=r.runtime.seed, host=r.server.host,
+            port=r.server.port, api_key_env=r.server.api_key_env, chat_template=r.server.chat_template,
+            predicted_memory=_predicted(budget),
+            **self.settings,
+        )
+        engine = self._engine_config(settings)
+        env = {**p.env, **r.env}
+        if env:
+            self.decide("env", env, f"profile {p.name}'s toolchain environment, then the recipe's `env` (recipe wins)")
+        return Plan(
+            name=r.deployment_name, profile=p.name, gpu_count=p.gpu_count,
+            replicas=r.parallelism.data_parallel_size, backend=r.backend, engine=engine, env=env, memory=budget,
+            decisions=self.decisions, diagnostics=self.diagnostics, health=r.health.model_dump(),
+            rollout=r.rollout.model_dump(),
+        )
+
+    def _engine_config(self, settings: dict[str, Any]) -> EngineConfig:
+        try:
+            return EngineConfig(**settings)
+        except EngineConfigError as exc:
+            if not has_errors(self.diagnostics):  # a check above should have said why; never crash on it
+                self.error("VD005", str(exc), field=exc.field)
+            # The plan is rejected by its errors; it still shows the settings as asked, unvalidated.
+            config = object.__new__(EngineConfig)
+            defaults = {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
+                        for f in dataclasses.fields(EngineConfig) if f.name != "model"}
+            config.__dict__.update({**defaults, **settings})
+            return config
+
+    # ----------------------------------------------------------------------------------------------- parallelism
+    def _parallelism(self) -> None:
+        par, p = self.recipe.parallelism, self.profile
+        ranks = par.tensor_parallel_size * par.pipeline_parallel_size
+        if self.device == "cuda" and ranks * par.data_parallel_size > p.gpu_count:
+            self.error("VD102", f"{par.data_parallel_size} replica(s) x tensor_parallel_size "
+                       f"{par.tensor_parallel_size} x pipeline_parallel_size {par.pipeline_parallel_size} need "
+                       f"{ranks * par.data_parallel_size} GPUs; the host has {p.gpu_count} {p.name}",
+                       "parallelism.tensor_parallel_size",
+                       f"set `hardware: {{profile: {p.name}, count: {ranks * par.data_parallel_size}}}` "
+                       "if the host has them, or lower the parallelism")
+
+    def _heads(self) -> None:
+        tp, f = self.recipe.parallelism.tensor_parallel_size, self.facts
+        if f is None or tp == 1 or _tp_fits_heads(tp, f):
+            return
+        valid = [t for t in range(1, f.num_heads + 1) if _tp_fits_heads(t, f) and t <= max(8, tp)]
+        self.error("VD206", f"tensor_parallel_size {tp} does not divide the model's {f.num_heads} attention heads "
+                   f"({f.num_kv_heads} KV heads)", "parallelism.tensor_parallel_size",
+                   f"use one of {', '.join(map(str, valid))}")
+
+    # --------------------------------------------------------------------------------------------- what to run
+    def _runner(self) -> tuple[str, str]:
+        r, f = self.recipe, self.facts
+        pooling_model = bool(f and f.pooling)
+        if f and f.needs_remote_code and not r.trust_remote_code:
+            self.error("VD209", f"{r.model} runs its own modelling code", "trust_remote_code",
+                       "set `trust_remote_code: true` if you trust the model's repository")
+        if r.runner == "auto":
+            runner = "pooling" if pooling_model else "generate"
+            self.decide("runner", runner, "the model is an embedding/encoder model" if pooling_model
+                        else "the model has a language-model head")
+        else:
+            runner = r.runner
+        if runner == "generate" and pooling_model:
+            self.error("VD205", f"{r.model} is an embedding model ({f.architecture}); it cannot generate text",
+                       "runner", "use `runner: pooling` (and `convert: embed`) to serve embeddings")
+        if runner == "generate" and r.convert not in ("auto", "none"):
+            self.error("VD205", f"convert: {r.convert} applies only to `runner: pooling`", "convert",
+                       "use `runner: pooling`, or drop `convert`")
+        if r.convert == "auto":
+            convert = "embed" if runner == "pooling" else "none"
+            self.decide("convert", convert, "pooling runner: embeddings by default" if runner == "pooling"
+                        else "generation needs no conversion")
+        else:
+            convert = r.convert
+        if runner == "pooling" and convert == "none" and f and not pooling_model:
+            self.error("VD205", f"{r.model} is a text-generation model; pooling it needs a conversion", "convert",
+                       "use `convert: embed` (or reward / classify)")
+        return runner, convert
+
+    def _dtype(self) -> str:
+        r, p = self.recipe, self.profile
+        if r.dtype == "auto":
+            if self.device == "cpu":
+                return self.decide("dtype", "float32", "CPU: float32 is exact and the fastest on most CPUs")
+            if r.quantization in _INT4 or (self.facts and self.facts.quantization in _INT4):
+                return self.decide("dtype", "float16", "4-bit AWQ/GPTQ kernels compute in float16")
+            if p.bf16:
+                return self.decide("dtype", "bfloat16", f"{p.name} supports bfloat16 (compute capability "
+                                   f"{p.compute_capability})")
+            return self.decide("dtype", "float16", f"{p.name} lacks bfloat16 (compute capability "
+                               f"{p.compute_capability} < 8.0)")
+        dtype = DTYPE_NAMES[r.dtype]
+        if dtype == "bfloat16" and self.device == "cuda" and not p.bf16:
+            self.error("VD103", f"bfloat16 needs compute capability 8.0 or higher; the {p.name} has "
+                       f"{p.compute_capability}", "dtype", "use `dtype: half` (float16)")
+        return dtype
+
+    def _quantization(self) -> str | None:
+        r, p, f = self.recipe, self.profile, self.facts
+        stored = f.quantization if f else None
+        if r.quantization is None:
+            if stored:
+                self.decide("quantization", stored, f"the checkpoint is stored as {stored}")
+            quantization = stored
+        else:
+            quantization = r.quantization
+            if f and stored not in QUANT_CHECKPOINTS[quantization]:
+                what = f"a {stored} checkpoint" if stored else "not quantized"
+                self.error("VD208", f"quantization: {quantization} cannot read {r.model}: it is {what}",
+                           "quantization", f"use `quantization: {stored}`" if stored else
+                           f"pick a {quantization.split('_')[0].upper()} checkpoint, or `quantization: fp8` on an "
+                           "SM89+ GPU to quantize at load")
+        if quantization is None:
+            return None
+        if self.device == "cpu" and quantization != "gguf":
+            self.error("VD104", f"quantization {quantization} has no CPU kernels; the builtin engine runs only GGUF "
+                       "(dequantized) on the CPU", "quantization", "use an unquantized or GGUF checkpoint")
+        elif self.device == "cuda" and p.compute_capability < QUANT_MIN_CAPABILITY[quantization]:
+            better = "an AWQ/GPTQ 4-bit checkpoint, or an SM89+ GPU (l4, h100-80gb)" if quantization == "fp8" \
+                else "a GPTQ or GGUF checkpoint, or a newer GPU"
+            self.error("VD104", f"{quantization} needs compute capability {QUANT_MIN_CAPABILITY[quantization]} or "
+                       f"higher; the {p.name} has {p.compute_capability}",
+                       "quantization" if r.quantization else "model", f"use {better}")
+        return quantization
+
+    def _eager(self) -> bool:
+        r, p = self.recipe, self.profile
+        if r.runtime.enforce_eager == "auto":
+            if self.device == "cpu":
+                return self.decide("runtime.enforce_eager", True, "CUDA graphs need a GPU")
+            if not p.cuda_graphs:
+                return self.decide("runtime.enforce_eager", True, f"CUDA graphs are unsafe on the {p.name} "
+                                   "(capture fragments its small memory)")
+            return self.decide("runtime.enforce_eager", False, "decode runs as captured CUDA graphs (less CPU "
+                               "overhead per step)")
+        if r.runtime.enforce_eager is False and self.device == "cuda" and not p.cuda_graphs:
+            self.diagnostics.append(warning(
+                "VD105", f"CUDA graphs are unsafe on the {p.name}; capture may run out of memory",
+                field="runtime.enforce_eager", hint="use `enforce_eager: true`"))
+        return r.runtime.enforce_eager
+
+    def _positions(self) -> None:
+        r, f = self.recipe, self.facts
+        if f and r.memory.max_model_len != "auto" and r.memory.max_model_len > f.max_positions:
+            self.error("VD207", f"max_model_len {r.memory.max_model_len} exceeds the model's "
+                       f"{f.max_positions} positions (max_position_embeddings)", "memory.max_model_len",
+                       f"use `max_model_len: {f.max_positions}` or less")
+
+    # ---------------------------------------------------------------------------------------------------- memory
+    def _batching(self, max_model_len: int) -> tuple[int, int]:
+        """max_num_seqs and max_num_batched_tokens, given the context length."""
+        r, p = self.recipe.memory, self.profile
+        if r.max_num_seqs == "auto":
+            seqs = self.decide("memory.max_num_seqs", p.max_num_seqs, f"profile {p.name}'s default")
+        else:
+            seqs = r.max_num_seqs
+        chunked = self.recipe.runtime.enable_chunked_prefill
+        if r.max_num_batched_tokens == "auto":
+            tokens = max(p.max_num_batched_tokens, seqs) if chunked else max(max_model_len, seqs)
+            reason = (f"profile {p.name}'s default for chunked prefill" if chunked
+                      else "chunked prefill is off: a whole prompt of max_model_len goes in one step")
+            tokens = self.decide("memory.max_num_batched_tokens", tokens, reason)
+        else:
+            tokens = r.max_num_batched_tokens
+            if tokens < seqs:
+                self.error("VD303", f"max_num_batched_tokens {tokens} is less than max_num_seqs {seqs}",
+                           "memory.max_num_batched_tokens", f"use at least {seqs}")
+            if not chunked and tokens < max_model_len:
+                self.error("VD303", f"with chunked prefill off, max_num_batched_tokens ({tokens}) must hold a "
+                           f"whole prompt of max_model_len ({max_model_len})", "memory.max_num_batched_tokens",
+                           f"use `max_num_batched_tokens: {max_model_len}`, or enable chunked prefill")
+        return seqs, tokens
+
+    def _utilization(self) -> float:
+        u = self.recipe.memory.gpu_memory_utilization
+        if u == "auto":
+            return self.decide("memory.gpu_memory_utilization", DEFAULT_UTILIZATION, "vLLM's default")
+        return u
+
+    def _memory(self, dtype: str, quantization: str | None, eager: bool) -> MemoryBudget | None:
+        r, f = self.recipe, self.facts
+        utilization = self._utilization()
+        self.settings["gpu_memory_utilization"] = utilization
+        if f is None:
+            return self._without_facts(utilization)
+        fixed_len = r.memory.max_model_len != "auto"
+        target_len = r.memory.max_model_len if fixed_len else f.max_positions
+        seqs, tokens = self._batching(min(target_len, f.max_positions))
+        layout = self._layout(dtype, quantization, eager, r.parallelism.tensor_parallel_size, utilization, seqs,
+                              tokens, target_len)
+        block = r.memory.block_size
+        if layout.kv_tokens < block:
+            self._does_not_fit(layout, dtype, quantization, eager, seqs, tokens, block, "VD301")
+            max_model_len = target_len
+        elif fixed_len:
+            max_model_len = target_len
+            if layout.kv_tokens < max_model_len:
+                self._does_not_fit(layout, dtype, quantization, eager, seqs, tokens, max_model_len, "VD302")
+        elif layout.kv_tokens < f.max_positions:
+            max_model_len = self.decide("memory.max_model_len", layout.kv_tokens,
+                                        f"the largest that fits: the KV cache holds {layout.kv_tokens} tokens, less "
+                                        f"than the model's {f.max_positions} positions")
+        else:
+            max_model_len = self.decide("memory.max_model_len", f.max_positions, "the model's positions "
+                                        "(max_position_embeddings); the KV cache holds them "
+                                        f"{layout.kv_tokens / f.max_positions:.1f} times")
+        if not fixed_len and not self.recipe.runtime.enable_chunked_prefill and max_model_len != target_len:
+            seqs, tokens = self._batching(max_model_len)  # the whole-prompt batch shrank with the context
+            layout = self._layout(dtype, quantization, eager, r.parallelism.tensor_parallel_size, utilization, seqs,
+                                  tokens, max_model_len)
+        layout = layout.model_copy(update={"max_concurrency": round(layout.kv_tokens / max_model_len, 2)})
+        kv_bytes = r.memory.kv_cache_memory_bytes
+        if self.device == "cpu" or kv_bytes != "auto":
+            kv_bytes = layout.kv_cache_bytes if kv_bytes == "auto" else kv_bytes
+            self.settings["kv_cache_memory_bytes"] = self.decide(
+                "memory.kv_cache_memory_bytes", max(kv_bytes, 1),
+                "set in the recipe" if r.memory.kv_cache_memory_bytes != "auto"
+                else "CPU: the engine allocates exactly what is left of the budget")
+        self.settings.update(max_model_len=max_model_len, max_num_seqs=seqs, max_num_batched_tokens=tokens)
+        return layout
+
+    def _layout(self, dtype: str, quantization: str | None, eager: bool, tp: int, utilization: float, seqs: int,
+                tokens: int, max_model_len: int) -> MemoryBudget:
+        """The memory table for one choice of settings (the compiler also tries others to suggest fixes)."""
+        r, f, p = self.recipe, self.facts, self.profile
+        pp = r.parallelism.pipeline_parallel_size
+        width = mem.DTYPE_BYTES[dtype]
+        kv_dtype = dtype if r.memory.kv_cache_dtype == "auto" else r.memory.kv_cache_dtype
+        weights = mem.weight_bytes(f, dtype, quantization, dequantize_gguf=r.backend == "builtin", shards=tp * pp)
+        weights = max(0, weights - int(r.memory.cpu_offload_gb * GiB))
+        fixed_kv = r.memory.kv_cache_memory_bytes
+        return mem.memory_budget(
+            budget=mem.budget_bytes(p.memory_bytes, utilization), weights=weights,
+            activations=mem.activation_bytes(f, tokens, seqs, width, tp),
+            graphs=mem.cuda_graph_bytes(f, seqs, width, tp, eager), overhead=mem.overhead_bytes(self.device, tp * pp),
+            kv_per_token=mem.kv_bytes_per_token(f, mem.DTYPE_BYTES[kv_dtype], tp, pp), block_size=r.memory.block_size,
+            max_model_len=max_model_len, kv_cache=None if fixed_kv == "auto" else fixed_kv,
+        )
+
+    def _does_not_fit(self, layout: MemoryBudget, dtype: str, quantization: str | None, eager: bool, seqs: int,
+                      tokens: int, need_tokens: int, code: str) -> None:
+        """An error that says what would fit: a shorter context, more memory, more GPUs, or fewer bits per weight."""
+        r, f, p = self.recipe, self.facts, self.profile
+        tp = r.parallelism.tensor_parallel_size
+        fixed = layout.weights_bytes + layout.activation_bytes + layout.cuda_graph_bytes + layout.overhead_bytes
+        need = fixed + need_tokens * layout.kv_bytes_per_token
+        fixes = []
+        if code == "VD302" and layout.kv_tokens >= r.memory.block_size:
+            fixes.append(f"`max_model_len: {min(layout.kv_tokens, f.max_positions)}` (the largest that fits)")
+        needed_utilization = math.ceil(need / p.memory_bytes * 100) / 100
+        if needed_utilization <= 0.98:
+            fixes.append(f"`gpu_memory_utilization: {needed_utilization}`")
+        for larger in (2, 4, 8):
+            if larger > tp and _tp_fits_heads(larger, f):
+                trial = self._layout(dtype, quantization, eager, larger, layout.budget_bytes / p.memory_bytes, seqs,
+                                     tokens, need_tokens)
+                if trial.kv_tokens >= need_tokens:
+                    fixes.append(f"`tensor_parallel_size: {larger}` ({larger} GPUs)")
+                    break
+        if quantization is None and self.device == "cuda" and p.compute_capability >= 7.5:
+            int4 = math.ceil(mem.weight_bytes(f, dtype, "awq", False, tp * r.parallelism.pipeline_parallel_size)
+                             / GiB * 10) / 10
+            fixes.append(f"a 4-bit AWQ/GPTQ checkpoint ({int4} GiB of weights per GPU)")
+        hint = "try " + ", or ".join(fixes) if fixes else "use a larger GPU"
+        if code == "VD301":
+            message = (f"the model does not fit: weights {_gib(layout.weights_bytes)} + activations "
+                       f"{_gib(layout.activation_bytes)} + CUDA graphs {_gib(layout.cuda_graph_bytes)} + overhead "
+                       f"{_gib(layout.overhead_bytes)} leave no room for a KV cache in the "
+                       f"{_gib(layout.budget_bytes)} budget {self.per_device}")
+            self.error(code, message, "model" if tp == 1 else "parallelism.tensor_parallel_size", hint)
+        else:
+            message = (f"max_model_len {need_tokens} needs {_gib(need_tokens * layout.kv_bytes_per_token)} of KV cache "
+                       f"for one sequence; only {_gib(max(layout.kv_cache_bytes, 0))} is left after the weights "
+                       f"({_gib(layout.weights_bytes)}) in the {_gib(layout.budget_bytes)} budget {self.per_device}")
+            self.error(code, message, "memory.max_model_len", hint)
+
+    def _without_facts(self, utilization: float) -> None:
+        r = self.recipe
+        max_model_len = r.memory.max_model_len
+        if max_model_len == "auto":
+            max_model_len = self.decide("memory.max_model_len", FALLBACK_MAX_MODEL_LEN,
+                                        "model facts unavailable offline: a conservative default")
+        seqs, tokens = self._batching(max_model_len)
+        self.settings.update(max_model_len=max_model_len, max_num_seqs=seqs, max_num_batched_tokens=tokens)
+        if self.device == "cpu" and r.memory.kv_cache_memory_bytes == "auto":
+            kv = int(self.profile.memory_bytes * utilization * CPU_KV_SHARE_WITHOUT_FACTS)
+            self.settings["kv_cache_memory_bytes"] = self.decide(
+                "memory.kv_cache_memory_bytes", kv, "model facts unavailable: half of the CPU budget")
+        elif r.memory.kv_cache_memory_bytes != "auto":
+            self.settings["kv_cache_memory_bytes"] = r.memory.kv_cache_memory_bytes
+        return None
+
+
+def _tp_fits_heads(tp: int, facts: ModelFacts | None) -> bool:
+    """TP must split the attention heads evenly, and the KV heads too (or replicate them evenly, when TP > KV heads)."""
+    if facts is None:
+        return True
+    kv = facts.num_kv_heads
+    return facts.num_heads % tp == 0 and (kv % tp == 0 if tp <= kv else tp % kv == 0)
+
+
+def _predicted(budget: MemoryBudget | None) -> dict[str, int]:
+    if budget is None:
+        return {}
+    return {k: v for k, v in budget.model_dump().items() if isinstance(v, int)}
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+# ------------------------------------------------------------------------------------------------------ front door
+
+
+def resolve_hardware(recipe: Recipe) -> tuple[HardwareProfile | None, list[Diagnostic]]:
+    """The recipe's profile with `gpu_count` set to the host's; `auto` asks the local driver."""
+    if recipe.hardware == "auto":
+        found = detect()
+        profile = detected_profile(found)
+        what = f"{found.count} x {found.gpu_name} via {found.method}" if found.count else "no GPU"
+        note = info("VD106", f"hardware: auto found {what}; using profile {profile.name}", field="hardware")
+        return profile.model_copy(update={"gpu_count": found.count}), [note]
+    field = "hardware" if isinstance(recipe.hardware, str) else "hardware.profile"
+    try:
+        profile = load_profile(recipe.hardware_profile)
+    except ProfileError as exc:
+        return None, [error("VD101", str(exc), field=field, hint=exc.hint)]
+    count = recipe.gpu_count if recipe.gpu_count is not None else profile.gpu_count
+    return profile.model_copy(update={"gpu_count": count}), []
+
+
+def plan_recipe(recipe: Recipe, source: SourceMap | None = None) -> tuple[Plan | None, list[Diagnostic]]:
+    """Hardware, model facts, then compile. Diagnostics are placed in the recipe file when `source` is given.
+    The plan is None when the hardware profile or the model cannot be found at all."""
+    profile, found = resolve_hardware(recipe)
+    facts, about_model = resolve_model(recipe.model, recipe.revision)
+    diagnostics = found + about_model
+    plan = None
+    if profile is not None and not has_errors(about_model):
+        plan = compile(recipe, profile, facts)
+        diagnostics += plan.diagnostics
+    if source is not None:
+        diagnostics = [source.place(d) for d in diagnostics]
+    if plan is not None:
+        plan.diagnostics = diagnostics
+    return plan, diagnostics
+
+
+# vLLM-style keyword arguments -> where they go in a recipe. (Arguments for the engine only are applied afterwards.)
+_ARGUMENT_PATHS: dict[str, tuple[str, ...]] = {
+    **{k: (k,) for k in ("name", "served_model_name", "revision", "trust_remote_code", "runner", "convert", "dtype",
+                         "quantization", "hardware", "backend", "env", "task")},
+    **{k: ("parallelism", k) for k in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size",
+                                       "distributed_executor_backend")},
+    **{k: ("memory", k) for k in ("gpu_memory_utilization", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
+                                  "block_size", "swap_space", "cpu_offload_gb", "kv_cache_dtype",
+                                  "kv_cache_memory_bytes")},
+    **{k: ("runtime", k) for k in ("enforce_eager", "enable_prefix_caching", "enable_chunked_prefill", "seed")},
+    **{k: ("server", k) for k in ("host", "port", "api_key_env", "chat_template")},
+}
+_ENGINE_ONLY_ARGUMENTS = ("tokenizer", "download_dir")
+
+
+def plan_from_args(model: str, **engine_kwargs: Any) -> Plan:
+    """A Plan from vLLM-style keyword arguments (`LLM(...)`, `vdeploy serve MODEL --flags`): an implicit recipe that
+    goes through the same checks as `vdeploy lint`. `hardware` defaults to auto-detection. Raises PlanError when the
+    deployment cannot work; warnings stay in `plan.diagnostics`."""
+    data: dict[str, Any] = {"model": model}
+    engine_only = {}
+    for key, value in engine_kwargs.items():
+        if value is None:
+            continue
+        if key in _ENGINE_ONLY_ARGUMENTS:
+            engine_only[key] = value
+            continue
+        if key not in _ARGUMENT_PATHS:
+            close = difflib.get_close_matches(key, [*_ARGUMENT_PATHS, *_ENGINE_ONLY_ARGUMENTS], n=1)
+            hint = f"did you mean '{close[0]}'?" if close else None
+            unknown = error("VD003", f"unknown argument '{key}'", field=key, hint=hint)
+            raise PlanError([unknown.model_copy(update={"file": "<arguments>"})])
+        *sections, leaf = _ARGUMENT_PATHS[key]
+        target = data
+        for section in sections:
+            target = target.setdefault(section, {})
+        target[leaf] = value
+    document = validate_recipe(data, file="<arguments>")
+    if document.recipe is None:
+        raise PlanError(document.diagnostics)
+    plan, diagnostics = plan_recipe(document.recipe, document.source)
+    if plan is None or has_errors(diagnostics):
+        raise PlanError(diagnostics)
+    for key, value in engine_only.items():
+        setattr(plan.engine, key, value)
+    return plan
+

@@ -1,0 +1,122 @@
+"""The memory model (DESIGN.md, "The compiler and the memory model"), per GPU, in bytes. Pure arithmetic.
+
+    kv_cache = budget - weights - activations - cuda_graphs - overhead
+
+Each term is one function below with the source of its numbers. The plan must never under-predict what the engine
+really uses; where a number is an estimate it errs high.
+"""
+
+from __future__ import annotations
+
+import math
+
+from vdeploy.modelinfo import ModelFacts
+from vdeploy.plan import MemoryBudget
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1}
+
+# CUDA context, kernel images and cuBLAS/cuDNN workspaces: nvidia-smi shows 450-520 MiB in use after the first
+# cuBLAS GEMM with torch 2.x on A100/H100 before any tensor is allocated. Rounded up.
+CUDA_CONTEXT_BYTES = 512 * MiB
+# NCCL communicators for TP/PP: NCCL_BUFFSIZE (4 MiB) per channel and direction; with up to 32 channels on NVLink
+# that is 256 MiB, plus vLLM-style custom all-reduce buffers (~ 64 MiB). Rounded up.
+NCCL_BYTES = 320 * MiB
+# CUDA graphs: each captured batch size keeps its own kernel parameters and graph nodes on the device; ~1.5 MiB
+# per graph for a 28-layer decoder as vLLM's capture log reports. Its private memory pool is sized separately.
+PER_GRAPH_BYTES = 2 * MiB
+MAX_GRAPH_BATCH = 512  # the largest decode batch captured; bigger batches run eagerly (as in vLLM)
+
+# AWQ/GPTQ 4-bit: 4 bits per weight plus an fp16 scale and a 4-bit zero point per group of 128 weights.
+INT4_BYTES_PER_WEIGHT = (4 + (16 + 4) / 128) / 8
+
+
+def budget_bytes(memory_bytes: int, utilization: float) -> int:
+    """What the deployment may use on one GPU: vLLM's rule, total memory times gpu_memory_utilization."""
+    return int(memory_bytes * utilization)
+
+
+def weight_bytes(facts: ModelFacts, dtype: str, quantization: str | None, dequantize_gguf: bool, shards: int) -> int:
+    """Weights on one GPU. Plain weights: parameters x bytes of the chosen dtype (the checkpoint's own dtype does not
+    matter, the loader casts). Quantized: the stored bytes when known (exact for local files), else the format's size
+    per weight. `dequantize_gguf`: an engine that expands GGUF blocks to `dtype` at load. Sharded over TP x PP ranks;
+    the norms are replicated but are < 0.1% of any model, which the rounding up below covers."""
+    unquantized = facts.param_count * DTYPE_BYTES[dtype]
+    if quantization is None or (quantization == "gguf" and dequantize_gguf):
+        total = unquantized
+    elif facts.checkpoint_bytes is not None and quantization == facts.quantization:
+        total = facts.checkpoint_bytes
+    elif quantization in ("awq", "awq_marlin", "gptq", "gptq_marlin"):
+        total = _quantized(facts, INT4_BYTES_PER_WEIGHT)
+    else:  # online fp8 (linear layers in 1 byte), or bitsandbytes / GGUF of unknown size: 1 byte is an upper bound
+        total = _quantized(facts, 1.0)
+    return math.ceil(total / shards)
+
+
+def _quantized(facts: ModelFacts, bytes_per_weight: float) -> int:
+    linear = facts.param_count - facts.embedding_params
+    return int(linear * bytes_per_weight + facts.embedding_params * 2)
+
+
+def kv_bytes_per_token(facts: ModelFacts, kv_dtype_bytes: int, tp: int, pp: int) -> int:
+    """2 (K and V) x layers on this rank x KV heads on this rank x head_dim x bytes. With more TP ranks than KV
+    heads, each rank keeps a replica of one head (vLLM's rule), hence max(1, ...)."""
+    layers = math.ceil(facts.num_layers / pp)
+    kv_heads = max(1, facts.num_kv_heads // tp)
+    return 2 * layers * kv_heads * facts.head_dim * kv_dtype_bytes
+
+
+def activation_bytes(facts: ModelFacts, num_tokens: int, num_seqs: int, dtype_bytes: int, tp: int) -> int:
+    """Peak transient memory of one forward pass over `num_tokens` tokens (the profiling run's batch).
+    Layers run one after another, so one layer's working set counts: at the MLP the residual stream and the normed
+    input (2 x hidden) are live with gate_up (2 x intermediate / TP) and the activated half (intermediate / TP).
+    The attention block needs less (q, k, v and output: at most 4 x hidden). Then the logits: one row per sequence
+    being sampled, in fp32, alive together with the softmax probabilities the sampler computes (x 2)."""
+    hidden = facts.hidden_size
+    mlp = num_tokens * (2 * hidden + 3 * facts.intermediate_size // tp) * dtype_bytes
+    attention = num_tokens * 4 * hidden * dtype_bytes
+    logits = 0 if facts.pooling else 2 * min(num_seqs, num_tokens) * facts.vocab_size * 4
+    return max(mlp, attention) + logits
+
+
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    """Decode batch sizes captured as CUDA graphs: 1, 2, 4, then every multiple of 8 (vLLM's schedule)."""
+    top = min(max_num_seqs, MAX_GRAPH_BATCH)
+    return sorted({b for b in (1, 2, 4) if b <= top} | set(range(8, top + 1, 8)))
+
+
+def cuda_graph_bytes(facts: ModelFacts, max_num_seqs: int, dtype_bytes: int, tp: int, enforce_eager: bool) -> int:
+    """0 when eager. Otherwise the graphs' shared memory pool, sized by the largest captured decode batch's
+    activations, plus per-graph bookkeeping. A documented estimate: the engine measures the real figure."""
+    if enforce_eager:
+        return 0
+    sizes = graph_batch_sizes(max_num_seqs)
+    pool = activation_bytes(facts, sizes[-1], sizes[-1], dtype_bytes, tp)
+    return pool + PER_GRAPH_BYTES * len(sizes)
+
+
+def overhead_bytes(device: str, ranks: int) -> int:
+    """Memory the engine does not allocate itself: the CUDA context, and NCCL buffers when there are several ranks.
+    On the CPU the budget covers only the engine's tensors, so there is none."""
+    if device == "cpu":
+        return 0
+    return CUDA_CONTEXT_BYTES + (NCCL_BYTES if ranks > 1 else 0)
+
+
+def kv_tokens(kv_cache_bytes: int, per_token: int, block_size: int) -> int:
+    """Tokens the KV cache holds: whole blocks only."""
+    return max(0, kv_cache_bytes // (per_token * block_size)) * block_size
+
+
+def memory_budget(*, budget: int, weights: int, activations: int, graphs: int, overhead: int, kv_per_token: int,
+                  block_size: int, max_model_len: int, kv_cache: int | None = None) -> MemoryBudget:
+    """The table `vdeploy plan` shows. `kv_cache` fixes the cache size (kv_cache_memory_bytes); else it is what is left."""
+    kv_cache = budget - weights - activations - graphs - overhead if kv_cache is None else kv_cache
+    tokens = kv_tokens(kv_cache, kv_per_token, block_size)
+    return MemoryBudget(
+        budget_bytes=budget, weights_bytes=weights, activation_bytes=activations, cuda_graph_bytes=graphs,
+        overhead_bytes=overhead, kv_cache_bytes=kv_cache, kv_bytes_per_token=kv_per_token, kv_tokens=tokens,
+        max_concurrency=round(tokens / max_model_len, 2),
+    )
