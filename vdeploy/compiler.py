@@ -448,17 +448,23 @@ _ARGUMENT_PATHS: dict[str, tuple[str, ...]] = {
     **{k: ("runtime", k) for k in ("enforce_eager", "enable_prefix_caching", "enable_chunked_prefill", "seed")},
     **{k: ("server", k) for k in ("host", "port", "api_key_env", "chat_template")},
 }
+# EngineConfig fields no recipe holds: passed through to the plan's EngineConfig unchanged.
 _ENGINE_ONLY_ARGUMENTS = ("tokenizer", "download_dir")
 
 
 def plan_from_args(model: str, **engine_kwargs: Any) -> Plan:
     """A Plan from vLLM-style keyword arguments (`LLM(...)`, `vdeploy serve MODEL --flags`): an implicit recipe that
-    goes through the same checks as `vdeploy lint`. `hardware` defaults to auto-detection. Raises PlanError when the
-    deployment cannot work; warnings stay in `plan.diagnostics`."""
+    goes through the same checks as `vdeploy lint`. `hardware` defaults to auto-detection; `device="cpu"` means
+    `hardware="cpu"`. None means "not given". Raises PlanError when the deployment cannot work; warnings stay in
+    `plan.diagnostics`."""
     data: dict[str, Any] = {"model": model}
     engine_only = {}
     for key, value in engine_kwargs.items():
         if value is None:
+            continue
+        if key == "device":
+            if value == "cpu":
+                data.setdefault("hardware", "cpu")
             continue
         if key in _ENGINE_ONLY_ARGUMENTS:
             engine_only[key] = value
