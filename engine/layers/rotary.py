@@ -101,8 +101,6 @@ class RotaryEmbedding(nn.Module):
         self.is_neox = is_neox
         self.register_buffer("cos_sin_cache", build_cos_sin_cache(rot_dim, max_position_embeddings, params), False)
 
-    def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q [T, H, D], k [T, Hkv, D] -> rotated copies."""
         return kernels.apply_rotary(q, k, positions, self.cos_sin_cache, self.is_neox)

@@ -67,7 +67,9 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], 
                 else:
                     param.weight_loader(param, tensor, shard)
             except WeightShapeError as exc:
-                raise ModelLoadError(f"{source}: tensor {name!r}: {exc} (does config.json match the weights?)") from None
+                raise ModelLoadError(
+                    f"{source}: tensor {name!r}: {exc} (does config.json match the weights?)"
+                ) from None
             filled.add((param_name, shard))
     missing = [
         f"{name}[{shard}]" if shard else name

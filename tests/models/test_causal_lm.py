@@ -56,7 +56,9 @@ def test_sliding_window_changes_what_mistral_sees(tiny_mistral_dir, prompts):
 def test_tied_embeddings_share_one_tensor(tiny_qwen2_dir, tiny_opt_dir, tiny_llama_dir):
     for path in (tiny_qwen2_dir, tiny_opt_dir):
         model = load_engine_model(path)
-        embedding = model.model.embed_tokens if hasattr(model.model, "embed_tokens") else model.model.decoder.embed_tokens
+        embedding = (
+            model.model.embed_tokens if hasattr(model.model, "embed_tokens") else model.model.decoder.embed_tokens
+        )
         assert model.lm_head.weight.data_ptr() == embedding.weight.data_ptr()
     untied = load_engine_model(tiny_llama_dir)
     assert untied.lm_head.weight.data_ptr() != untied.model.embed_tokens.weight.data_ptr()
@@ -68,7 +70,9 @@ def test_opt_variants_match_transformers(overrides, prompts, tmp_path):
     from tests.fixtures.tiny_models import save_tiny_model
 
     path = save_tiny_model(tmp_path, "opt", **overrides)
-    for got, want in zip(forward_no_cache(load_engine_model(path), prompts), reference_logits(path, prompts), strict=True):
+    for got, want in zip(
+        forward_no_cache(load_engine_model(path), prompts), reference_logits(path, prompts), strict=True
+    ):
         torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
 
 

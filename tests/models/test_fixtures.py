@@ -14,5 +14,7 @@ def test_tiny_fixtures_are_loadable_hf_checkpoints(tiny_llama_dir, tiny_qwen2_di
             logits = model(ids).logits
         assert logits.shape == (1, ids.shape[1], len(tokenizer))
         assert logits.std() > 0.3  # weights wide enough that a wrong tensor shows in the logits
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+        )
         assert prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"

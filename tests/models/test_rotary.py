@@ -81,5 +81,7 @@ def test_unsupported_rope_type_is_named():
 def test_model_with_scaled_rope_matches_transformers(case, tmp_path):
     path = save_tiny_model(tmp_path, "llama", rope_parameters=dict(ROPE_CASES[case]), head_dim=HEAD_DIM)
     sequences = [list(range(3, 40)), list(range(100, 110))]
-    for got, want in zip(forward_no_cache(load_engine_model(path), sequences), reference_logits(path, sequences), strict=True):
+    for got, want in zip(
+        forward_no_cache(load_engine_model(path), sequences), reference_logits(path, sequences), strict=True
+    ):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
