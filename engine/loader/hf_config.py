@@ -30,9 +30,10 @@ def hf_config_from_dir(path: Path, trust_remote_code: bool = False) -> Any:
     # Parse it ourselves first: a broken file gets its line and column instead of a transformers traceback.
     try:
         raw = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        where = f":{exc.lineno}:{exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
-        raise ModelLoadError(f"{config_file}{where}: not valid JSON ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{config_file}:{exc.lineno}:{exc.colno}: not valid JSON ({exc.msg})") from None
+    except UnicodeDecodeError as exc:
+        raise ModelLoadError(f"{config_file}: not UTF-8 text ({exc.reason})") from None
     if not isinstance(raw, dict) or "model_type" not in raw:
         raise ModelLoadError(f"{config_file}: no 'model_type' field")
     from transformers import AutoConfig

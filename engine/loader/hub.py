@@ -55,27 +55,39 @@ def _from_hf_hub(model_id: str, revision: str | None, download_dir: str | None) 
 
     endpoint = os.environ.get("HF_ENDPOINT") or None
     cache_dir = _hf_cache_dir(download_dir)
-    offline = _env_flag("HF_HUB_OFFLINE")
+
+    def from_cache() -> str:
+        return snapshot_download(model_id, revision=revision, cache_dir=cache_dir, local_files_only=True)
+
+    if _env_flag("HF_HUB_OFFLINE"):
+        try:
+            return Path(from_cache())
+        except Exception as exc:
+            raise _hub_error(model_id, "the local cache (HF_HUB_OFFLINE is set)", exc) from None
     try:
-        if offline:
-            path = snapshot_download(model_id, revision=revision, cache_dir=cache_dir, local_files_only=True)
-        else:
-            files = HfApi(endpoint=endpoint).list_repo_files(model_id, revision=revision)
-            weights = ["*.safetensors"] if any(f.endswith(".safetensors") for f in files) else ["*.bin"]
-            path = snapshot_download(
+        files = HfApi(endpoint=endpoint).list_repo_files(model_id, revision=revision)
+        weights = ["*.safetensors"] if any(f.endswith(".safetensors") for f in files) else ["*.bin"]
+        return Path(
+            snapshot_download(
                 model_id,
                 revision=revision,
                 cache_dir=cache_dir,
                 endpoint=endpoint,
                 allow_patterns=_METADATA_PATTERNS + weights,
             )
-    except Exception as exc:  # network, auth, missing repo, empty offline cache: all end the same way
-        where = "the local cache (HF_HUB_OFFLINE is set)" if offline else (endpoint or "the Hugging Face hub")
-        raise ModelLoadError(
-            f"model {model_id!r}: could not get it from {where}: {type(exc).__name__}: {exc}. "
-            "Download it where the hub is reachable (into HF_HOME or download_dir), or set `model` to a local path."
-        ) from None
-    return Path(path)
+        )
+    except Exception as exc:  # network, auth, missing repo: a copy already in the cache still serves
+        try:
+            return Path(from_cache())
+        except Exception:
+            raise _hub_error(model_id, endpoint or "the Hugging Face hub", exc) from None
+
+
+def _hub_error(model_id: str, where: str, exc: Exception) -> ModelLoadError:
+    return ModelLoadError(
+        f"model {model_id!r}: could not get it from {where}: {type(exc).__name__}: {exc}. "
+        "Download it where the hub is reachable (into HF_HOME or download_dir), or set `model` to a local path."
+    )
 
 
 def _from_modelscope(model_id: str, revision: str | None, download_dir: str | None) -> Path:
