@@ -1,5 +1,5 @@
-"""GGUF loading: the real SmolLM2-135M Q4_1 file against transformers loading the same file, and the metadata and
-tensor-name mapping on their own."""
+"""GGUF loading: tiny GGUF files written from the tiny HF fixtures (F32 against the HF original, Q8_0 against
+transformers reading the same file), the real SmolLM2-135M Q4_1 file against transformers, and the errors."""
 
 from __future__ import annotations
 
@@ -8,11 +8,67 @@ import torch
 import transformers
 
 from engine.config import EngineConfig
-from engine.loader import load_hf_config, load_model, load_tokenizer
+from engine.loader import ModelLoadError, load_hf_config, load_model, load_tokenizer
 from engine.loader.gguf import _unpermute_rope_rows, hf_tensor_name
+from tests.fixtures.tiny_models import save_tiny_gguf
+from tests.models.conftest import load_engine_model, reference_logits
 from tests.models.harness import forward_no_cache
 
 PROMPTS = ["The capital of France is", "请用一句话介绍一下北京。"]
+
+
+TINY = ["tiny_llama_dir", "tiny_qwen2_dir"]  # llama: q/k rows permuted by llama.cpp; qwen2: not, and q/k/v biases
+
+
+@pytest.mark.parametrize("fixture", TINY)
+def test_float32_gguf_gives_the_hf_checkpoint_logits(fixture, prompts, request, tmp_path):
+    """Independent of transformers' GGUF code: same numbers as the HF checkpoint the file was written from."""
+    hf_dir = request.getfixturevalue(fixture)
+    path = save_tiny_gguf(hf_dir, tmp_path / "model.gguf", quantize=False)
+    got = forward_no_cache(load_engine_model(path), prompts)
+    for row, want in zip(got, forward_no_cache(load_engine_model(hf_dir), prompts), strict=True):
+        torch.testing.assert_close(row, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("fixture", TINY)
+def test_q8_gguf_matches_transformers_reading_the_same_file(fixture, prompts, request, tmp_path):
+    path = save_tiny_gguf(request.getfixturevalue(fixture), tmp_path / "model.gguf")
+    got = forward_no_cache(load_engine_model(path), prompts)
+    want = reference_logits(tmp_path, prompts, gguf_file=path.name)
+    for row, ref in zip(got, want, strict=True):
+        torch.testing.assert_close(row, ref, atol=1e-4, rtol=0)
+
+
+def test_tiny_gguf_tokenizer_matches_the_original(tiny_llama_dir, tmp_path):
+    path = save_tiny_gguf(tiny_llama_dir, tmp_path / "model.gguf")
+    ours = load_tokenizer(EngineConfig(model=str(path)))
+    original = transformers.AutoTokenizer.from_pretrained(tiny_llama_dir)
+    text = "你好，世界! The quick brown fox."
+    assert ours(text).input_ids == original(text).input_ids
+    assert ours.eos_token == "<|im_end|>"
+    prompt = ours.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_truncated_gguf_is_reported(tiny_llama_dir, tmp_path):
+    path = save_tiny_gguf(tiny_llama_dir, tmp_path / "model.gguf")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+    with pytest.raises(ModelLoadError, match="model.gguf: not a readable GGUF file"):
+        load_engine_model(path)
+
+
+def test_gguf_of_an_unsupported_architecture_names_it(tmp_path):
+    import gguf
+
+    writer = gguf.GGUFWriter(str(tmp_path / "falcon.gguf"), "falcon")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(
+        ModelLoadError, match=r"falcon.gguf: GGUF architecture 'falcon' is not supported \(supported: llama"
+    ):
+        load_hf_config(EngineConfig(model=str(tmp_path / "falcon.gguf")))
 
 
 @pytest.fixture(scope="module")
@@ -22,6 +78,7 @@ def smollm2(smollm2_gguf_path):
     return config, hf_config, load_model(config, hf_config), load_tokenizer(config)
 
 
+@pytest.mark.slow  # the smollm2 fixture loads the real model and its GGUF tokenizer (~30 s)
 def test_gguf_metadata_becomes_a_llama_config(smollm2):
     _, hf_config, _, _ = smollm2
     assert hf_config.architectures == ["LlamaForCausalLM"]
@@ -31,10 +88,13 @@ def test_gguf_metadata_becomes_a_llama_config(smollm2):
     assert hf_config.rope_parameters["rope_theta"] == 100000.0
 
 
+@pytest.mark.slow
 def test_gguf_tokenizer_and_chat_template_come_from_the_file(smollm2):
     _, _, _, tokenizer = smollm2
     assert tokenizer.decode(tokenizer(PROMPTS[1]).input_ids) == PROMPTS[1]
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert prompt.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
 
 
