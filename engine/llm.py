@@ -11,7 +11,6 @@ lint`. `stream()` yields cumulative outputs step by step.
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -84,10 +83,12 @@ class LLM:
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
     ) -> list[RequestOutput]:
-        """Generates a reply to each conversation, rendered through the model's chat template (or `chat_template`,
-        a path or a Jinja string; or the config's)."""
+        """Generates a reply to each conversation, rendered through the chat template: `chat_template` (a path or a
+        Jinja string) if given, else the config's, else the model's own."""
+        from engine.loader.tokenizer import read_chat_template
+
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        template = _read_template(chat_template or self.config.chat_template)
+        template = read_chat_template(chat_template) if chat_template else None
         tokenizer = self.get_tokenizer()
         prompts = []
         for conversation in conversations:
@@ -163,13 +164,6 @@ def default_cpu_kv_cache_bytes(config: EngineConfig) -> int:
     per_token = kv_cache_bytes_per_token(load_hf_config(config), config)
     per_seq = per_token * -(-config.max_model_len // config.block_size) * config.block_size
     return max(per_seq, min(per_seq * config.max_num_seqs, _CPU_KV_CACHE_CAP))
-
-
-def _read_template(template: str | None) -> str | None:
-    if template and os.path.isfile(template):
-        with open(template, encoding="utf-8") as f:
-            return f.read()
-    return template
 
 
 def _progress_bar(total: int) -> Any:

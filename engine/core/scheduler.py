@@ -40,6 +40,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.swapped: deque[Sequence] = deque()
         self.num_preemptions = 0
+        self.num_swap_outs = 0  # preemptions that swapped to CPU rather than recompute
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -112,6 +113,7 @@ class Scheduler:
         self.num_preemptions += 1
         if self.kv.free_cpu_blocks and self.kv.can_swap_out(seq):
             self.kv.swap_out(seq)
+            self.num_swap_outs += 1
             seq.status = SeqStatus.SWAPPED
             self.swapped.appendleft(seq)
         else:
