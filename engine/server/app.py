@@ -6,6 +6,7 @@ routes other than health, version, metrics and the docs require the API key when
 
 from __future__ import annotations
 
+import logging
 import secrets
 from contextlib import asynccontextmanager
 from typing import Any
@@ -27,6 +28,8 @@ from engine.server.protocol import (
     TokenizeResponse,
 )
 from engine.server.state import APIError, ServerState, error_response, server_state
+
+logger = logging.getLogger("engine.server")
 
 
 def _check_api_key(request: Request) -> None:
@@ -105,6 +108,11 @@ def build_app(config: EngineConfig, engine: Any, api_key: str | None = None) -> 
     @app.exception_handler(ValueError)
     async def _refused_by_engine(_: Request, exc: ValueError) -> JSONResponse:
         return error_response(400, str(exc))  # the engine's way of refusing a request, as in vLLM
+
+    @app.exception_handler(Exception)
+    async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
+        logger.error("request failed", exc_info=exc)
+        return error_response(500, f"Internal server error: {type(exc).__name__}: {exc}")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
