@@ -144,7 +144,16 @@ class _Server(uvicorn.Server):
 
 async def serve(router: Router, sock: socket.socket) -> _Server:
     """Start serving `router` on `sock` in the running loop; `server.should_exit = True` stops it."""
-    config = uvicorn.Config(router, log_level="warning", access_log=False, lifespan="off", timeout_keep_alive=30)
+    # The replica's own Date and Server headers pass through; uvicorn must not add a second pair.
+    config = uvicorn.Config(
+        router,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        timeout_keep_alive=30,
+        server_header=False,
+        date_header=False,
+    )
     server = _Server(config)
     task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
     while not server.started:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import ctypes
 import logging
 import os
@@ -475,7 +476,7 @@ class Supervisor:
         }
         if status == self._last_status:
             return
-        self._last_status = status
+        self._last_status = copy.deepcopy(status)  # self.rollout is mutated in place
         self.deployment.write_status({**status, "updated_at": time.time()})
 
 
@@ -504,6 +505,7 @@ def start_detached(deployment: Deployment, timeout: float = 30.0) -> int:
 
 def run_foreground(deployment: Deployment) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health probe otherwise
     return asyncio.run(Supervisor(deployment).run())
 
 

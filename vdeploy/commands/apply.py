@@ -1,0 +1,173 @@
+"""`vdeploy apply FILE|DIR`: compile each recipe, compare it with what is serving, and roll out what changed.
+
+Unchanged deployments are not touched (exit 0, safe to run from CI on every push). A changed one gets a new revision
+in the state directory; its supervisor (started here when none is running) brings the revision up next to the old one,
+switches the router and stops the old replicas. With --wait (the default) apply returns once that is done, and exits 1
+with the root cause when the new revision could not start (the old one keeps serving).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+from vdeploy.diagnostics import Diagnostic, format_text, has_errors
+
+FAILED = ("failed", "timeout")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "apply",
+        help="create or update deployments from recipes",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("path", help="a recipe file, or a folder of them")
+    parser.add_argument("--dry-run", action="store_true", help="show what would change; start nothing")
+    parser.add_argument(
+        "--wait",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="wait until the new revision serves or fails (default: wait)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=None, help="seconds to wait (default: the recipe's rollout timeout)"
+    )
+    parser.add_argument(
+        "--foreground",
+        action="store_true",
+        help="run the supervisor in this process (for systemd or a container); one recipe only",
+    )
+    parser.add_argument("--format", choices=("text", "json"), default="text")
+    parser.set_defaults(func=run)
+
+
+def load_plans(path: str) -> tuple[list[dict[str, Any]], list[Diagnostic]]:
+    """Every recipe under `path` compiled to a plan (as JSON data), and all diagnostics found on the way."""
+    from vdeploy.commands.lint import expand
+    from vdeploy.compiler import plan_recipe
+    from vdeploy.recipe import load_recipes
+
+    files, diagnostics = expand([path])
+    plans = []
+    for file in files:
+        for document in load_recipes(file):
+            diagnostics += document.diagnostics
+            if document.recipe is None:
+                continue
+            plan, found = plan_recipe(document.recipe, document.source)
+            diagnostics += found
+            if plan is not None and not has_errors(found):
+                plans.append(plan.model_dump(mode="json"))
+    return plans, diagnostics
+
+
+def run(args: argparse.Namespace) -> int:
+    from vdeploy.rollout import changes, live_plan, readiness_timeout, wait_for_rollout
+    from vdeploy.state import Deployment, StateError
+
+    plans, diagnostics = load_plans(args.path)
+    problems = [d for d in diagnostics if d.severity != "info"]
+    if problems:
+        print(format_text(problems), file=sys.stderr)
+    if has_errors(diagnostics):
+        print("apply: nothing changed (fix the errors above)", file=sys.stderr)
+        return 1
+    if args.foreground and len(plans) != 1:
+        print(f"apply: --foreground runs one deployment; {args.path} holds {len(plans)}", file=sys.stderr)
+        return 1
+
+    results: list[dict[str, Any]] = []
+    pending: list[tuple[dict[str, Any], Deployment, int]] = []
+    for plan in plans:
+        try:
+            deployment = Deployment(plan["name"])
+            result = {"name": plan["name"], "url": f"http://{plan['engine']['host']}:{plan['engine']['port']}"}
+            live = live_plan(deployment)
+            diff = changes(live, plan)
+            result["changes"] = diff
+            if not diff:
+                results.append({**result, "action": "unchanged", "revision": deployment.status().get("revision")})
+                continue
+            if args.dry_run:
+                results.append({**result, "action": "would roll out"})
+                continue
+            unavailable = _backend_problem(plan)
+            if unavailable:
+                results.append({**result, "action": "failed", "reason": unavailable})
+                continue
+            revision = deployment.find_revision(plan) or deployment.add_revision(plan)
+            generation = deployment.request(revision)
+            result |= {"action": "rolling out", "revision": revision, "previous_revision": _serving(deployment)}
+            if not args.foreground and not deployment.supervisor_alive():
+                from vdeploy.supervisor import start_detached
+
+                start_detached(deployment)
+            results.append(result)
+            pending.append((result, deployment, generation))
+        except (StateError, RuntimeError, OSError) as e:
+            results.append({"name": plan["name"], "action": "failed", "reason": str(e)})
+
+    if args.foreground:
+        _report(results, args.format)
+        from vdeploy.supervisor import run_foreground
+
+        if Deployment(plans[0]["name"]).supervisor_alive():
+            print(f"apply: {plans[0]['name']} already has a supervisor; `vdeploy delete` it first", file=sys.stderr)
+            return 1
+        return run_foreground(Deployment(plans[0]["name"]))
+
+    if args.wait:
+        started = time.monotonic()
+        for result, deployment, generation in pending:
+            plan = deployment.plan(result["revision"])
+            timeout = args.timeout if args.timeout is not None else readiness_timeout(plan) + 60
+            rollout = wait_for_rollout(deployment, generation, max(0.0, timeout - (time.monotonic() - started)))
+            result["action"] = {"complete": "rolled out"}.get(rollout["phase"], rollout["phase"])
+            result["seconds"] = round(time.monotonic() - started, 2)
+            if rollout.get("reason"):
+                result["reason"] = rollout["reason"]
+            if rollout["phase"] != "complete":
+                result["serving_revision"] = deployment.status().get("revision")
+    _report(results, args.format)
+    return 1 if any(r["action"] in FAILED for r in results) else 0
+
+
+def _serving(deployment) -> int | None:
+    return deployment.status().get("revision") if deployment.supervisor_alive() else None
+
+
+def _backend_problem(plan: dict[str, Any]) -> str | None:
+    from vdeploy.backends import BackendUnavailable, replica_command
+
+    try:
+        replica_command(plan, "plan.json", 0)
+    except BackendUnavailable as e:
+        return str(e)
+    return None
+
+
+def _report(results: list[dict[str, Any]], fmt: str) -> None:
+    if fmt == "json":
+        print(json.dumps(results, indent=2))
+        return
+    for r in results:
+        line = f"{r['name']}: {r['action']}"
+        if r.get("revision") is not None:
+            line += f" (revision {r['revision']})"
+        if r["action"] in ("rolled out", "unchanged"):
+            line += f" at {r['url']}"
+        if "seconds" in r:
+            line += f" in {r['seconds']:.1f}s"
+        if r.get("reason"):
+            line += f": {r['reason']}"
+        if r["action"] in FAILED and r.get("serving_revision") is not None:
+            line += f"; revision {r['serving_revision']} keeps serving"
+        print(line, file=sys.stderr if r["action"] in FAILED else sys.stdout)
+        if r["action"] == "would roll out":
+            for change in r["changes"]:
+                print(f"  ~ {change}")
