@@ -13,7 +13,7 @@ import sys
 
 from vdeploy import __version__
 
-COMMANDS = ["lint", "plan", "explain", "schema", "profiles", "serve"]
+COMMANDS = ["lint", "plan", "explain", "schema", "profiles", "serve", "apply", "status", "logs", "delete", "rollout", "render"]
 
 
 def build_parser() -> argparse.ArgumentParser:
