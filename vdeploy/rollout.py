@@ -192,6 +192,13 @@ def live_plan(deployment) -> dict[str, Any] | None:
     return deployment.plan(revision) if revision is not None else None
 
 
+def pending_changes(plan: dict[str, Any]) -> list[str]:
+    """What `vdeploy apply` would change for `plan` (JSON data); empty when nothing."""
+    from vdeploy.state import Deployment
+
+    return changes(live_plan(Deployment(plan["name"])), plan)
+
+
 def wait_for_rollout(deployment, generation: int, timeout: float) -> dict[str, Any]:
     """Wait for the supervisor to finish request `generation`; returns its rollout record (`phase` is complete,
     failed, superseded or timeout)."""

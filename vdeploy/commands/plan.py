@@ -26,6 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                    description=__doc__)
     add_file_arguments(parser)
     parser.add_argument("--format", choices=("text", "json"), default="text", help="output format (default: text)")
+    parser.add_argument("--detailed-exitcode", action="store_true",
+                        help="exit 0 when `apply` would change nothing, 2 when it would, 1 on errors (as terraform)")
     parser.set_defaults(func=run)
 
 
@@ -115,4 +117,14 @@ def run(args: argparse.Namespace) -> int:
         shown = [d for d in diagnostics if d.severity != "info"]
         if shown:
             print(format_diagnostics(shown, "text", color=use_color(sys.stderr)), file=sys.stderr)
-    return 1 if has_errors(diagnostics) else 0
+    if has_errors(diagnostics):
+        return 1
+    if args.detailed_exitcode:
+        from vdeploy.rollout import pending_changes
+
+        pending = {r.name: pending_changes(r.plan.model_dump(mode="json")) for r in results}
+        for name, changes in pending.items():
+            print("\n".join([f"{name}: " + ("would change" if changes else "no change"), *(f"  ~ {c}" for c in changes)]),
+                  file=sys.stderr)
+        return 2 if any(pending.values()) else 0
+    return 0
