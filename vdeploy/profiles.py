@@ -90,7 +90,9 @@ def load_profile(name: str) -> HardwareProfile:
         if path.is_file():
             return _read(path)
     names = profile_names()
-    close = difflib.get_close_matches(name.lower(), names, n=1, cutoff=0.5)
+    # "h100" means h100-80gb more likely than v100: a name the input begins beats a merely similar one.
+    close = [n for n in names if n.startswith(name.lower())] or difflib.get_close_matches(name.lower(), names, n=1,
+                                                                                           cutoff=0.5)
     hint = f"did you mean '{close[0]}'?" if close else f"known profiles: {', '.join(names)}"
     raise ProfileError(f"unknown hardware profile '{name}'", hint)
 
