@@ -110,8 +110,9 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             while self._handle_commands(block=not self.engine.has_unfinished_requests()):
-                self._publish(self.engine.step())
-                self._stats = self.engine.stats()
+                outputs = self.engine.step()
+                self._stats = self.engine.stats()  # before publishing, so a finished stream sees its counts
+                self._publish(outputs)
         except BaseException as error:  # noqa: BLE001 - reported to every waiting caller
             self._error = error
             for loop, outputs in list(self._streams.values()):
@@ -135,9 +136,9 @@ class AsyncEngine:
                     self._publish_to(request_id, error)
             elif command == "abort":
                 output = self.engine.abort_request(arg)
+                self._stats = self.engine.stats()
                 if output is not None:
                     self._publish([output])
-            self._stats = self.engine.stats()
 
     def _publish(self, outputs: list[RequestOutput]) -> None:
         for output in outputs:
