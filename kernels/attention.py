@@ -107,7 +107,7 @@ def varlen_attention_ref(
 # large cache has more elements than int32 can address.
 
 _LOG2E = 1.4426950408889634
-_NO_MAX = -1.0e30
+_NO_MAX = tl.constexpr(-1.0e30)  # a global a kernel reads must be a constexpr
 
 
 @triton.jit
