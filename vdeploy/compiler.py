@@ -280,7 +280,7 @@ class _Compiler:
                               tokens, target_len)
         block = r.memory.block_size
         if layout.kv_tokens < block:
-            self._does_not_fit(layout, dtype, quantization, eager, seqs, tokens, block, "VD301")
+            self._does_not_fit(layout, dtype, quantization, eager, seqs, tokens, target_len, "VD301")
             max_model_len = target_len
         elif fixed_len:
             max_model_len = target_len
@@ -347,6 +347,11 @@ class _Compiler:
                 if trial.kv_tokens >= need_tokens:
                     fixes.append(f"`tensor_parallel_size: {larger}` ({larger} GPUs)")
                     break
+        for fewer in (128, 64, 32, 16, 8):  # the sampler's buffers grow with the batch
+            if fewer < seqs and self._layout(dtype, quantization, eager, tp, layout.budget_bytes / p.memory_bytes,
+                                             fewer, tokens, need_tokens).kv_tokens >= need_tokens:
+                fixes.append(f"`max_num_seqs: {fewer}`")
+                break
         if quantization is None and self.device == "cuda" and p.compute_capability >= 7.5:
             int4 = math.ceil(mem.weight_bytes(f, dtype, "awq", False, tp * r.parallelism.pipeline_parallel_size)
                              / GiB * 10) / 10

@@ -68,17 +68,39 @@ def kv_bytes_per_token(facts: ModelFacts, kv_dtype_bytes: int, tp: int, pp: int)
     return 2 * layers * kv_heads * facts.head_dim * kv_dtype_bytes
 
 
-def activation_bytes(facts: ModelFacts, num_tokens: int, num_seqs: int, dtype_bytes: int, tp: int) -> int:
-    """Peak transient memory of one forward pass over `num_tokens` tokens (the profiling run's batch).
+def forward_bytes(facts: ModelFacts, num_tokens: int, dtype_bytes: int, tp: int) -> int:
+    """Peak transient memory of one forward pass over `num_tokens` tokens, before the LM head.
     Layers run one after another, so one layer's working set counts: at the MLP the residual stream and the normed
-    input (2 x hidden) are live with gate_up (2 x intermediate / TP) and the activated half (intermediate / TP).
-    The attention block needs less (q, k, v and output: at most 4 x hidden). Then the logits: one row per sequence
-    being sampled, in fp32, alive together with the softmax probabilities the sampler computes (x 2)."""
+    input (2 x hidden) are live with gate_up (2 x intermediate / TP) and the activated half (intermediate / TP), plus
+    the norm's float32 upcast (hidden x 4 bytes). The attention block needs less (q, k, v and output: 4 x hidden)."""
     hidden = facts.hidden_size
-    mlp = num_tokens * (2 * hidden + 3 * facts.intermediate_size // tp) * dtype_bytes
+    mlp = num_tokens * ((2 * hidden + 3 * facts.intermediate_size // tp) * dtype_bytes + hidden * 4)
     attention = num_tokens * 4 * hidden * dtype_bytes
-    logits = 0 if facts.pooling else 2 * min(num_seqs, num_tokens) * facts.vocab_size * 4
-    return max(mlp, attention) + logits
+    return max(mlp, attention)
+
+
+def logits_bytes(facts: ModelFacts, rows: int, dtype_bytes: int) -> int:
+    """The LM head's output for the rows being sampled (one per sequence); none for a pooling model."""
+    return 0 if facts.pooling else rows * facts.vocab_size * dtype_bytes
+
+
+# engine/worker/sampler.py's top-k/top-p path keeps up to nine vocab-wide buffers per row: the float32 copy, the
+# temperature-scaled logits, sorted values and their int64 order, the masked copy, probabilities, their cumulative
+# sum and the mass before each token (4 + 4 + 4 + 8 + 4 + 4 + 4 + 4 bytes), and the boolean drop mask (1), rounded up.
+SAMPLER_BYTES_PER_LOGIT = 40
+
+
+def sampler_bytes(facts: ModelFacts, rows: int) -> int:
+    """The sampler's float32/int64 buffers over the logits of `rows` sequences; none for a pooling model."""
+    return 0 if facts.pooling else rows * facts.vocab_size * SAMPLER_BYTES_PER_LOGIT
+
+
+def activation_bytes(facts: ModelFacts, num_tokens: int, num_seqs: int, dtype_bytes: int, tp: int) -> int:
+    """The largest step the scheduler can build (`num_tokens` over `num_seqs` sequences): its forward pass, then the
+    logits of one row per sequence and the sampler's buffers over them."""
+    rows = min(num_seqs, num_tokens)
+    return forward_bytes(facts, num_tokens, dtype_bytes, tp) + logits_bytes(facts, rows, dtype_bytes) + sampler_bytes(
+        facts, rows)
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -88,12 +110,13 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 
 
 def cuda_graph_bytes(facts: ModelFacts, max_num_seqs: int, dtype_bytes: int, tp: int, enforce_eager: bool) -> int:
-    """0 when eager. Otherwise the graphs' shared memory pool, sized by the largest captured decode batch's
-    activations, plus per-graph bookkeeping. A documented estimate: the engine measures the real figure."""
+    """0 when eager. Otherwise the graphs' shared memory pool, sized by the largest captured decode batch's forward
+    pass and logits (sampling runs outside the graph), plus per-graph bookkeeping. A documented estimate: the engine
+    measures the real figure."""
     if enforce_eager:
         return 0
     sizes = graph_batch_sizes(max_num_seqs)
-    pool = activation_bytes(facts, sizes[-1], sizes[-1], dtype_bytes, tp)
+    pool = forward_bytes(facts, sizes[-1], dtype_bytes, tp) + logits_bytes(facts, sizes[-1], dtype_bytes)
     return pool + PER_GRAPH_BYTES * len(sizes)
 
 

@@ -36,7 +36,7 @@ SEED_EXPECTATIONS = {
     ("quickstart-smollm2-cpu.yaml", 0): dict(
         device="cpu", dtype="float32", quantization="gguf", runner="generate", enforce_eager=True,
         max_model_len=4096, max_num_seqs=16, max_num_batched_tokens=2048, tensor_parallel_size=1, port=8000,
-        served_model_name="smollm2-135m-instruct", kv_cache_memory_bytes=616_422_144),
+        served_model_name="smollm2-135m-instruct", kv_cache_memory_bytes=583_392_000),
     ("opt-125m-offline.yaml", 0): dict(
         device="cuda", dtype="float16", quantization=None, enforce_eager=True, max_model_len=2048, max_num_seqs=256,
         max_num_batched_tokens=2048, model="facebook/opt-125m", kv_cache_memory_bytes=None),
@@ -49,7 +49,7 @@ SEED_EXPECTATIONS = {
     ("qwq-32b-awq.yaml", 0): dict(
         dtype="float16", quantization="awq", tensor_parallel_size=2, max_model_len=4096, enforce_eager=True),
     ("qwq-32b-gguf.yaml", 0): dict(
-        dtype="float16", quantization="gguf", tensor_parallel_size=2, max_model_len=4096, port=8002),
+        dtype="float16", quantization="gguf", tensor_parallel_size=2, max_model_len=4096, max_num_seqs=16, port=8002),
     ("jina-embeddings-v4-t4.yaml", 0): dict(
         runner="pooling", convert="embed", dtype="float16", enforce_eager=True, trust_remote_code=True,
         max_model_len=128000, port=8010, model="jinaai/jina-embeddings-v4-vllm-retrieval"),
@@ -58,7 +58,7 @@ SEED_EXPECTATIONS = {
         port=8011, model="jinaai/jina-embeddings-v4-vllm-text-matching"),
     ("qwen2.5-72b-instruct-tp2.yaml", 0): dict(
         device="cuda", dtype="bfloat16", enforce_eager=False, tensor_parallel_size=2, max_model_len=16384,
-        gpu_memory_utilization=0.95, max_num_seqs=256, max_num_batched_tokens=8192),
+        gpu_memory_utilization=0.95, max_num_seqs=32, max_num_batched_tokens=8192),
 }
 
 
@@ -92,14 +92,16 @@ def test_memory_hand_calculation_smollm2_on_cpu():
     budget = int(int(1.25 * GiB) * 0.9)  # cpu profile: 1.25 GiB, default utilisation 0.9
     assert m.budget_bytes == budget == 1_207_959_552
     assert m.weights_bytes == 134_515_008 * 4  # GGUF expanded to float32 at load
-    mlp = 2048 * (2 * 576 + 3 * 1536) * 4  # 2048 batched tokens, hidden 576, intermediate 1536, fp32
-    logits = 2 * 16 * 49152 * 4  # 16 sequences x vocab x fp32, logits + probabilities
-    assert m.activation_bytes == mlp + logits == 53_477_376
+    # 2048 batched tokens through the MLP: hidden 576, intermediate 1536, fp32, plus the norm's fp32 copy
+    forward = 2048 * ((2 * 576 + 3 * 1536) * 4 + 576 * 4)
+    logits = 16 * 49152 * 4  # 16 sequences x vocab, fp32
+    sampler = 16 * 49152 * 40  # the sampler's buffers: 40 bytes per logit
+    assert m.activation_bytes == forward + logits + sampler == 86_507_520
     assert (m.cuda_graph_bytes, m.overhead_bytes) == (0, 0)
-    assert m.kv_cache_bytes == budget - 538_060_032 - 53_477_376 == 616_422_144
+    assert m.kv_cache_bytes == budget - 538_060_032 - 86_507_520 == 583_392_000
     assert m.kv_bytes_per_token == 2 * 30 * 3 * 64 * 4 == 46_080  # K+V x layers x KV heads x head_dim x fp32
-    assert m.kv_tokens == 616_422_144 // (46_080 * 16) * 16 == 13_376  # whole 16-token blocks
-    assert m.max_concurrency == round(13_376 / 4096, 2)
+    assert m.kv_tokens == 583_392_000 // (46_080 * 16) * 16 == 12_656  # whole 16-token blocks
+    assert m.max_concurrency == round(12_656 / 4096, 2)
 
 
 def test_memory_hand_calculation_qwen_7b_tp2_on_t4():
@@ -107,12 +109,15 @@ def test_memory_hand_calculation_qwen_7b_tp2_on_t4():
     m = plan_of("qwen2.5-7b-instruct-tp2.yaml").memory
     budget = int(int(14.74 * GiB) * 0.9)
     weights = 7_615_616_512 * 2 // 2  # parameters x fp16 bytes / TP
-    mlp = 2048 * (2 * 3584 + 3 * 18944 // 2) * 2  # t4 default 2048 batched tokens; intermediate split over TP
-    logits = 2 * 256 * 152064 * 4  # 256 sequences x vocab 152064 x fp32, logits + probabilities
+    # t4 default of 2048 batched tokens; the intermediate (18944) is split over TP; the norm's fp32 copy
+    forward = 2048 * ((2 * 3584 + 3 * 18944 // 2) * 2 + 3584 * 4)
+    logits = 256 * 152064 * 2  # 256 sequences x vocab 152064, fp16
+    sampler = 256 * 152064 * 40
     overhead = 512 * MiB + 320 * MiB  # CUDA context + NCCL buffers (TP > 1)
-    assert (m.budget_bytes, m.weights_bytes, m.activation_bytes) == (budget, weights, mlp + logits)
+    assert (m.budget_bytes, m.weights_bytes) == (budget, weights)
+    assert m.activation_bytes == forward + logits + sampler == 1_810_104_320
     assert (m.cuda_graph_bytes, m.overhead_bytes) == (0, overhead)
-    assert m.kv_cache_bytes == budget - weights - mlp - logits - overhead
+    assert m.kv_cache_bytes == budget - weights - m.activation_bytes - overhead
     assert m.kv_bytes_per_token == 2 * 28 * (4 // 2) * 128 * 2 == 28_672
     assert m.kv_tokens == m.kv_cache_bytes // (28_672 * 16) * 16
 
@@ -134,9 +139,9 @@ def test_dtype_and_eager_follow_the_profile(profile, dtype, eager):
 
 def test_auto_max_model_len_is_the_largest_that_fits():
     plan, diagnostics = plan_for(model="Qwen/Qwen2.5-72B-Instruct", hardware={"profile": "h100-80gb", "count": 2},
-                                 parallelism={"tensor_parallel_size": 2})
+                                 parallelism={"tensor_parallel_size": 2}, memory={"max_num_seqs": 32})
     assert not diagnostics
-    assert plan.engine.max_model_len == 7472 == plan.memory.kv_tokens
+    assert plan.engine.max_model_len == 8848 == plan.memory.kv_tokens
     [decision] = [d for d in plan.decisions if d.field == "memory.max_model_len"]
     assert "largest that fits" in decision.reason
 
@@ -167,7 +172,7 @@ def test_embedding_model_chooses_pooling(minilm_dir):
     plan, diagnostics = plan_for(model=str(minilm_dir), hardware="cpu")
     assert not diagnostics
     assert (plan.engine.runner, plan.engine.convert, plan.engine.model) == ("pooling", "embed", str(minilm_dir))
-    assert plan.memory.activation_bytes == 2048 * (2 * 384 + 3 * 1536) * 4  # no logits for an encoder
+    assert plan.memory.activation_bytes == 2048 * ((2 * 384 + 3 * 1536) * 4 + 384 * 4)  # no logits: an encoder
 
 
 def test_awq_checkpoint_on_v100_is_refused():

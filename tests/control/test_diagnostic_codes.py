@@ -54,7 +54,8 @@ CASES = [
     ("remote-code", "model: jinaai/jina-embeddings-v4-vllm-retrieval\nhardware: l4\n", "VD209", (1, 1), 1),
     ("weights-too-big", "model: Qwen/QwQ-32B\nhardware: t4\n", "VD301", (1, 1), 1),
     ("context-too-big", "model: Qwen/Qwen2.5-72B-Instruct\nhardware: {profile: h100-80gb, count: 2}\n"
-     "parallelism: {tensor_parallel_size: 2}\nmemory: {max_model_len: 32768}\n", "VD302", (4, 10), 1),
+     "parallelism: {tensor_parallel_size: 2}\nmemory: {max_model_len: 32768, max_num_seqs: 32}\n", "VD302", (4, 10),
+     1),
     ("no-chunked-prefill", "model: facebook/opt-125m\nhardware: t4\nmemory: {max_num_batched_tokens: 512}\n"
      "runtime: {enable_chunked_prefill: false}\n", "VD303", (3, 10), 1),
 ]
@@ -137,7 +138,7 @@ def test_task_key_says_runner_and_convert(cli, write_recipe):
 def test_fit_errors_say_what_would_fit(cli, write_recipe):
     result = cli("lint", "--format", "json", write_recipe(CASES[[c[0] for c in CASES].index("context-too-big")][1]))
     [err] = [d for d in result.json() if d["code"] == "VD302"]
-    assert "`max_model_len: 7472` (the largest that fits)" in err["hint"]
+    assert "`max_model_len: 8848` (the largest that fits)" in err["hint"]
     assert "`gpu_memory_utilization: 0.95`" in err["hint"]
     assert "`tensor_parallel_size: 4`" in err["hint"]
     assert "AWQ" in err["hint"]
