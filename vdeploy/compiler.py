@@ -55,6 +55,8 @@ class _Compiler:
         self.decisions: list[Decision] = []
         self.diagnostics: list[Diagnostic] = []
         self.settings: dict[str, Any] = {}  # EngineConfig keyword arguments decided so far
+        self.device = profile.device
+        self.per_device = "per GPU" if self.device == "cuda" else "on the CPU"
 
     def decide(self, field: str, value: Any, reason: str) -> Any:
         self.decisions.append(Decision(field=field, value=value, reason=reason))
@@ -66,8 +68,7 @@ class _Compiler:
     # ----------------------------------------------------------------------------------------------------------
     def run(self) -> Plan:
         r, p = self.recipe, self.profile
-        self.device = self.decide("device", p.device, f"profile {p.name} ({p.description})")
-        self.per_device = "per GPU" if self.device == "cuda" else "on the CPU"
+        self.decide("device", self.device, f"profile {p.name} ({p.description})")
         self._parallelism()
         runner, convert = self._runner()
         dtype = self._dtype()
@@ -299,13 +300,20 @@ class _Compiler:
             layout = self._layout(dtype, quantization, eager, r.parallelism.tensor_parallel_size, utilization, seqs,
                                   tokens, max_model_len)
         layout = layout.model_copy(update={"max_concurrency": round(layout.kv_tokens / max_model_len, 2)})
-        kv_bytes = r.memory.kv_cache_memory_bytes
-        if self.device == "cpu" or kv_bytes != "auto":
-            kv_bytes = layout.kv_cache_bytes if kv_bytes == "auto" else kv_bytes
+        fixed_kv = r.memory.kv_cache_memory_bytes
+        if fixed_kv != "auto":
+            self.settings["kv_cache_memory_bytes"] = fixed_kv
+            used = (layout.weights_bytes + layout.activation_bytes + layout.cuda_graph_bytes + layout.overhead_bytes
+                    + fixed_kv)
+            if self.device == "cuda" and used > self.profile.memory_bytes:
+                self.error("VD301", f"kv_cache_memory_bytes ({_gib(fixed_kv)}) with the weights, activations and "
+                           f"overhead needs {_gib(used)} per GPU; the {self.profile.name} has "
+                           f"{_gib(self.profile.memory_bytes)}", "memory.kv_cache_memory_bytes",
+                           f"use at most {max(self.profile.memory_bytes - used + fixed_kv, 0):,}")
+        elif self.device == "cpu":
             self.settings["kv_cache_memory_bytes"] = self.decide(
-                "memory.kv_cache_memory_bytes", max(kv_bytes, 1),
-                "set in the recipe" if r.memory.kv_cache_memory_bytes != "auto"
-                else "CPU: the engine allocates exactly what is left of the budget")
+                "memory.kv_cache_memory_bytes", max(layout.kv_cache_bytes, 1),
+                "CPU: the engine allocates exactly what is left of the budget")
         self.settings.update(max_model_len=max_model_len, max_num_seqs=seqs, max_num_batched_tokens=tokens)
         return layout
 

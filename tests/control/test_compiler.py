@@ -235,3 +235,12 @@ def test_plan_from_args_keeps_warnings():
     assert plan.memory is None and plan.engine.max_model_len == 2048
     assert plan.engine.kv_cache_memory_bytes > 0  # the CPU engine always gets a size
     assert json.loads(plan.engine.to_json())["model"] == "nobody/unknown-model"
+
+
+def test_fixed_kv_cache_size_is_used_and_checked():
+    plan, diagnostics = plan_for(model="facebook/opt-125m", hardware="t4", memory={"kv_cache_memory_bytes": 2 * GiB})
+    assert not diagnostics
+    assert plan.engine.kv_cache_memory_bytes == plan.memory.kv_cache_bytes == 2 * GiB
+    assert plan.memory.kv_tokens == 2 * GiB // (36_864 * 16) * 16  # opt-125m: 2 x 12 layers x 768 x fp16
+    _, [too_big] = plan_for(model="facebook/opt-125m", hardware="t4", memory={"kv_cache_memory_bytes": 20 * GiB})
+    assert too_big.code == "VD301" and "the t4 has 14.74 GiB" in too_big.message
