@@ -127,6 +127,7 @@ class Replica:
     started_at: float = 0.0
     ready_since: float = 0.0
     restart_at: float = 0.0
+    backoff_s: float = 0.0  # the wait before the pending restart
     next_health_at: float = 0.0
     health_failures: int = 0
     last_error: str | None = None
@@ -195,6 +196,7 @@ class Replica:
             "state": self.state,
             "restarts": self.restarts,
             "crash_loop": self.crash_loop,
+            "backoff_s": self.backoff_s,
             "last_error": self.last_error,
             "log": str(self.log_path),
         }
@@ -391,15 +393,15 @@ class Supervisor:
                 replica.state = "failed"  # never came up: the rollout waiting on it reports why
                 continue
             replica.quick_crashes = replica.quick_crashes + 1 if now - replica.started_at < STABLE_AFTER_S else 1
-            delay = min(2.0 ** (replica.quick_crashes - 1), MAX_BACKOFF_S)
+            replica.backoff_s = min(2.0 ** (replica.quick_crashes - 1), MAX_BACKOFF_S)
             replica.state = "crashed"
-            replica.restart_at = now + delay
+            replica.restart_at = now + replica.backoff_s
             log.warning(
                 "revision %d replica %d exited (%s); restart in %.0fs%s",
                 replica.revision,
                 replica.index,
                 replica.last_error,
-                delay,
+                replica.backoff_s,
                 " (crash loop)" if replica.crash_loop else "",
             )
         if changed:
@@ -417,7 +419,7 @@ class Supervisor:
         results = await asyncio.gather(*(self._healthy(r) for r in due))
         changed = False
         for replica, ok in zip(due, results, strict=True):
-            replica.next_health_at = now + (replica.health["interval"] if replica.ever_ready else TICK_S)
+            replica.next_health_at = now + (replica.health["interval"] if replica.state == "ready" else TICK_S)
             if ok:
                 replica.health_failures = 0
                 if replica.state != "ready":
@@ -432,7 +434,7 @@ class Supervisor:
             self.publish()
 
     async def _healthy(self, replica: Replica) -> bool:
-        timeout = replica.health["timeout"] if replica.ever_ready else 1.0
+        timeout = replica.health["timeout"] if replica.state == "ready" else 1.0
         try:
             reply = await self._health.get(replica.backend.url + replica.health["path"], timeout=timeout)
         except httpx.HTTPError:

@@ -1,0 +1,254 @@
+"""`vdeploy apply` end to end: the real CLI, supervisor, router and engine replicas serving the quick-start model
+(SmolLM2-135M GGUF on the CPU). The tests share one deployment and run in order, because each replica start loads
+the model; together they walk a deployment's life: apply, no-op apply, rollout under load, broken revisions, crash
+restart, undo, supervisor killed mid-apply, delete."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+import yaml
+
+from vdeploy.supervisor import free_port
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+QUICKSTART = REPO / "recipes" / "quickstart-smollm2-cpu.yaml"
+NAME = "quickstart-e2e"
+WAIT = "300"  # seconds apply may wait for a replica (the model loads in ~15-50 s on a busy 2-core box)
+
+
+class World:
+    """The test's private state directory, recipe files and a CLI runner."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.env = {**os.environ, "VDEPLOY_STATE_DIR": str(root / "state")}
+        self.env.pop("VDEPLOY_UNSET_KEY", None)
+        self.port = free_port()
+        self.base = yaml.safe_load(QUICKSTART.read_text())
+        self.base.update(name=NAME, server={**self.base.get("server", {}), "port": self.port})
+
+    def recipe(self, file: str = "recipe.yaml", **changes) -> Path:
+        data = json.loads(json.dumps(self.base))
+        for dotted, value in changes.items():
+            *parents, leaf = dotted.split("__")
+            node = data
+            for key in parents:
+                node = node.setdefault(key, {})
+            node[leaf] = value
+        path = self.root / file
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    def vdeploy(self, *args: str, timeout: float = 400) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "vdeploy.cli", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=self.root,
+        )
+
+    def status(self) -> dict:
+        result = self.vdeploy("status", NAME, "--format", "json")
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def complete(self, client: httpx.Client) -> httpx.Response:
+        body = {
+            "model": self.base["served_model_name"],
+            "prompt": "The capital of France is",
+            "max_tokens": 4,
+            "temperature": 0,
+        }
+        return client.post(self.url("/v1/completions"), json=body, timeout=60)
+
+    def processes(self) -> list[psutil.Process]:
+        """Every live process started for this deployment (their command lines name the state directory)."""
+        found = []
+        for proc in psutil.process_iter(["cmdline", "status"]):
+            try:
+                cmdline = " ".join(proc.info["cmdline"] or [])
+                mine = str(self.root / "state") in cmdline or f"vdeploy.supervisor {NAME}" in cmdline
+                if mine and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                    found.append(proc)
+            except psutil.Error:
+                continue
+        return found
+
+
+def wait_until(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory):
+    world = World(tmp_path_factory.mktemp("apply-e2e"))
+    yield world
+    world.vdeploy("delete", NAME, timeout=120)
+    for proc in world.processes():  # never leave a replica behind, even when a test failed midway
+        proc.kill()
+
+
+def test_apply_serves_through_the_router(world: World) -> None:
+    started = time.monotonic()
+    result = world.vdeploy("apply", str(world.recipe()), "--timeout", WAIT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"{NAME}: rolled out (revision 1) at http://127.0.0.1:{world.port}" in result.stdout
+    print(f"apply-to-ready: {time.monotonic() - started:.1f}s")
+    with httpx.Client() as client:
+        reply = world.complete(client)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["text"]
+        assert reply.headers["x-vdeploy-revision"] == "1"
+        events = []
+        body = {"model": world.base["served_model_name"], "prompt": "Hi", "max_tokens": 3, "stream": True}
+        with client.stream("POST", world.url("/v1/completions"), json=body, timeout=60) as stream:
+            events = [line for line in stream.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]" and len(events) >= 2  # server-sent events pass through the router
+    status = world.status()
+    assert (status["revision"], status["ready"], status["desired"]) == (1, 1, 1)
+    assert status["url"] == f"http://127.0.0.1:{world.port}" and status["memory_bytes"] > 0
+
+
+def test_unchanged_apply_touches_nothing(world: World) -> None:
+    before = world.status()["replicas"][0]["pid"]
+    state = world.root / "state" / NAME
+    snapshot = {p: p.stat().st_mtime_ns for p in state.rglob("*.json")}
+    result = world.vdeploy("apply", str(world.recipe()))
+    assert result.returncode == 0 and f"{NAME}: unchanged (revision 1)" in result.stdout
+    assert world.status()["replicas"][0]["pid"] == before
+    assert {p: p.stat().st_mtime_ns for p in state.rglob("*.json")} == snapshot
+    assert world.vdeploy("plan", str(world.recipe()), "--detailed-exitcode").returncode == 0
+    assert world.vdeploy("plan", str(world.recipe(memory__max_num_seqs=2)), "--detailed-exitcode").returncode == 2
+
+
+def test_rollout_under_load_fails_no_request(world: World) -> None:
+    outcomes: list[tuple[int, str]] = []
+    stop = threading.Event()
+
+    def client_loop() -> None:
+        with httpx.Client() as client:
+            deadline = time.monotonic() + 400
+            while not stop.is_set() and time.monotonic() < deadline:
+                try:
+                    reply = world.complete(client)
+                    outcomes.append((reply.status_code, reply.headers.get("x-vdeploy-revision", "")))
+                except httpx.HTTPError as e:
+                    outcomes.append((0, repr(e)))
+
+    loop = threading.Thread(target=client_loop)
+    loop.start()
+    try:
+        result = world.vdeploy("apply", str(world.recipe(memory__max_num_seqs=2)), "--timeout", WAIT)
+        time.sleep(1.0)  # a few requests against the new revision
+    finally:
+        stop.set()
+        loop.join()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "rolled out (revision 2)" in result.stdout
+    failed = [o for o in outcomes if o[0] != 200]
+    assert not failed, f"{len(failed)} of {len(outcomes)} requests failed during the rollout: {failed[:3]}"
+    revisions = [o[1] for o in outcomes]
+    assert "1" in revisions and revisions[-1] == "2"  # served throughout: old revision first, new one at the end
+    assert world.status()["revision"] == 2
+
+
+def test_broken_revisions_fail_with_their_cause_and_old_keeps_serving(world: World) -> None:
+    missing = world.vdeploy("apply", str(world.recipe(model=str(world.root / "gone.gguf"))))
+    assert missing.returncode == 1
+    assert "gone.gguf" in missing.stderr and "does not exist" in missing.stderr
+
+    impossible = world.vdeploy("apply", str(world.recipe(memory__max_model_len=8192, memory__max_num_seqs=64)))
+    assert impossible.returncode == 1 and "error[VD3" in impossible.stderr  # the memory model refuses it
+
+    # Compiles, but the replica cannot start: the API key variable the recipe names is not set.
+    no_key = world.vdeploy("apply", str(world.recipe(server__api_key_env="VDEPLOY_UNSET_KEY")), "--timeout", WAIT)
+    assert no_key.returncode == 1
+    assert "failed" in no_key.stderr and "VDEPLOY_UNSET_KEY" in no_key.stderr
+    assert "revision 2 keeps serving" in no_key.stderr
+    status = world.status()
+    assert status["revision"] == 2 and status["ready"] == 1
+    assert "VDEPLOY_UNSET_KEY" in status["last_error"]
+    with httpx.Client() as client:
+        assert world.complete(client).headers["x-vdeploy-revision"] == "2"
+
+
+def test_killed_replica_is_restarted(world: World) -> None:
+    pid = world.status()["replicas"][0]["pid"]
+    os.kill(pid, signal.SIGKILL)
+
+    def restarted():
+        status = world.status()
+        replica = status["replicas"][0]
+        return replica["pid"] != pid and replica["state"] == "ready" and status
+
+    status = wait_until(restarted, 300, "the supervisor to restart the killed replica")
+    assert status["restarts"] == 1 and "SIGKILL" in status["replicas"][0]["last_error"]
+    with httpx.Client() as client:
+        assert world.complete(client).status_code == 200
+
+
+def test_rollout_undo_and_history(world: World) -> None:
+    history = world.vdeploy("rollout", "history", NAME)
+    assert history.returncode == 0 and "(serving)" in history.stdout
+    result = world.vdeploy("rollout", "undo", NAME, "--to-revision", "1", "--timeout", WAIT)
+    assert result.returncode == 0, result.stderr
+    assert world.status()["revision"] == 1
+    assert world.vdeploy("rollout", "status", NAME).returncode == 0
+    logs = world.vdeploy("logs", NAME, "--tail", "50")
+    assert logs.returncode == 0 and "start revision 1 replica 0" in logs.stdout
+
+
+def test_supervisor_killed_mid_apply_then_next_apply_recovers(world: World) -> None:
+    recipe = world.recipe(memory__max_num_seqs=3)
+    assert world.vdeploy("apply", str(recipe), "--no-wait").returncode == 0
+    status = wait_until(lambda: len(world.status()["replicas"]) == 2 and world.status(), 60, "the new replica")
+    supervisor, replicas = status_pid(world), [r["pid"] for r in status["replicas"]]
+    os.kill(supervisor, signal.SIGKILL)
+    # The replicas die with it (PR_SET_PDEATHSIG), and the state stays readable.
+    wait_until(
+        lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in replicas),
+        15,
+        "the replicas to die with their supervisor",
+    )
+    status = world.status()
+    assert status["running"] is False and status["revision"] is None
+    result = world.vdeploy("apply", str(recipe), "--timeout", WAIT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert world.status()["revision"] == 3 and world.status()["ready"] == 1
+
+
+def status_pid(world: World) -> int:
+    return json.loads((world.root / "state" / NAME / "status.json").read_text())["supervisor_pid"]
+
+
+def test_delete_leaves_no_process(world: World) -> None:
+    assert world.processes()
+    result = world.vdeploy("delete", NAME, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert world.processes() == []
+    assert not (world.root / "state" / NAME).exists()
+    assert world.vdeploy("status", NAME).returncode == 1

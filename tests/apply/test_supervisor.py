@@ -1,0 +1,34 @@
+"""Supervisor bookkeeping with real (tiny) processes: restart backoff and crash-loop reporting."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from vdeploy.state import Deployment
+from vdeploy.supervisor import Replica, Supervisor, free_port
+
+
+def test_crashing_replica_backs_off_exponentially_and_is_reported_as_a_crash_loop(state_dir: Path) -> None:
+    supervisor = Supervisor(Deployment("demo"))
+    argv = [sys.executable, "-c", "import sys; sys.exit('Runtime' + 'Error: boom')"]
+    replica = Replica(1, 0, free_port(), None, argv, {}, state_dir / "r.log")
+    replica.start()
+    replica.state, replica.ever_ready = "ready", True  # it served once: from now on crashes are restarted
+    supervisor.replicas.append(replica)
+    supervisor.serving_revision = 1
+
+    delays = []
+    for _ in range(4):
+        replica.process.wait()
+        supervisor._watch_exits()
+        assert replica.state == "crashed" and replica.last_error == "RuntimeError: boom"
+        delays.append(replica.backoff_s)
+        replica.restart_at = 0.0  # do not sleep through the backoff in a test
+        supervisor._watch_exits()
+        assert replica.state == "starting"
+    assert delays == [1, 2, 4, 8]
+    assert replica.restarts == 4 and replica.crash_loop
+    status = Deployment("demo").status()["replicas"][0]
+    assert status["crash_loop"] and status["restarts"] == 4 and status["last_error"] == "RuntimeError: boom"
+    replica.process.wait()
