@@ -1,12 +1,30 @@
-"""Driving an engine model the way the model runner does: flat token batches with AttentionMetadata, either with no
-KV cache (sequences marked by cu_seqlens_q) or over a real paged cache with prefill followed by decode steps."""
+"""Loading an engine model and its transformers reference, and driving the engine model the way the model runner
+does: flat token batches with AttentionMetadata, either with no KV cache (sequences marked by cu_seqlens_q) or over a
+real paged cache with prefill followed by decode steps."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+import transformers
 from torch import nn
 
+from engine.config import EngineConfig
 from engine.layers.attention import Attention, AttentionMetadata
+from engine.loader import load_hf_config, load_model
+
+
+def load_engine_model(path: Path | str, dtype: str = "float32") -> nn.Module:
+    config = EngineConfig(model=str(path), dtype=dtype)
+    return load_model(config, load_hf_config(config))
+
+
+def reference_logits(path: Path | str, sequences: list[list[int]], **kwargs) -> list[torch.Tensor]:
+    """transformers' logits for each sequence on its own, float32."""
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs).eval()
+    with torch.no_grad():
+        return [ref(torch.tensor([s])).logits[0] for s in sequences]
 
 
 def _cu_seqlens(lengths: list[int]) -> torch.Tensor:

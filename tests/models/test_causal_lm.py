@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.models.conftest import load_engine_model, reference_logits
-from tests.models.harness import PagedRun, forward_no_cache
+from tests.models.harness import PagedRun, forward_no_cache, load_engine_model, reference_logits
 
 FIXTURES = ["tiny_llama_dir", "tiny_qwen2_dir", "tiny_mistral_dir", "tiny_opt_dir"]
 ATOL = 1e-4  # float32; logits are O(5)

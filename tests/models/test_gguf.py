@@ -11,8 +11,7 @@ from engine.config import EngineConfig
 from engine.loader import ModelLoadError, load_hf_config, load_model, load_tokenizer
 from engine.loader.gguf import _unpermute_rope_rows, hf_tensor_name
 from tests.fixtures.tiny_models import save_tiny_gguf
-from tests.models.conftest import load_engine_model, reference_logits
-from tests.models.harness import forward_no_cache
+from tests.models.harness import forward_no_cache, load_engine_model, reference_logits
 
 PROMPTS = ["The capital of France is", "请用一句话介绍一下北京。"]
 

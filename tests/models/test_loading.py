@@ -15,8 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from engine.config import EngineConfig
 from engine.loader import ModelLoadError, load_hf_config, load_model, load_tokenizer, resolve_model
-from tests.models.conftest import load_engine_model
-from tests.models.harness import forward_no_cache
+from tests.models.harness import forward_no_cache, load_engine_model
 
 SEQUENCES = [[5, 6, 7, 8, 9, 10], [40, 41, 42]]
 

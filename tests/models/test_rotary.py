@@ -9,8 +9,7 @@ import transformers
 
 from engine.layers.rotary import build_cos_sin_cache, rope_parameters
 from tests.fixtures.tiny_models import save_tiny_model
-from tests.models.conftest import load_engine_model, reference_logits
-from tests.models.harness import forward_no_cache
+from tests.models.harness import forward_no_cache, load_engine_model, reference_logits
 
 HEAD_DIM = 16
 ROPE_CASES = {
