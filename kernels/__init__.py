@@ -1,5 +1,10 @@
-"""Kernels used by the engine. Each module holds a pure-torch reference (the CPU path and the test oracle) and its
-Triton twin; the public function picks Triton for CUDA tensors and the reference otherwise.
+"""Kernels used by the engine. Each module holds a pure-torch reference `<name>_ref` (the CPU path and the test
+oracle) and its Triton version `<name>_triton`; the public function picks Triton for CUDA tensors and the reference
+otherwise. The Triton versions also run on CPU tensors under TRITON_INTERPRET=1 (set before triton is imported),
+which is how the tests exercise them without a GPU. They read strided inputs (q/k/v as views of a fused qkv
+projection) as long as the last dim is contiguous, allocate their outputs, and never synchronise with the host, so
+they can be captured in CUDA graphs. paged_decode_attention_triton takes a keyword-only `num_splits` (default: chosen
+from shapes) to force how many parts each context is cut into.
 
 Shapes (T = tokens in a flat batch, B = sequences, H/Hkv = query/KV heads, D = head_dim):
 - KV cache per layer: key_cache and value_cache, each [num_blocks, block_size, Hkv, D].
