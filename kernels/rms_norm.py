@@ -29,7 +29,8 @@ def _rms_norm_kernel(
     mask = offs < HIDDEN
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
     if ADD_RESIDUAL:
-        x = (x.to(tl.float32) + tl.load(residual_ptr + row * stride_r + offs, mask=mask, other=0.0)).to(x.dtype)
+        residual = tl.load(residual_ptr + row * stride_r + offs, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + residual.to(tl.float32)).to(residual_out_ptr.dtype.element_ty)
         tl.store(residual_out_ptr + row * stride_ro + offs, x, mask=mask)
     xf = x.to(tl.float32)
     normed = (xf * tl.rsqrt(tl.sum(xf * xf, 0) / HIDDEN + eps)).to(x.dtype)
@@ -43,9 +44,10 @@ def rms_norm_triton(
     """rms_norm in Triton: one pass over x (and residual), writing the normed row (and the new residual)."""
     hidden = x.shape[-1]
     rows = x.reshape(-1, hidden).contiguous()
-    out = torch.empty(rows.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    sum_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    out = torch.empty(rows.shape, dtype=torch.promote_types(sum_dtype, weight.dtype), device=x.device)
     res_in = rows if residual is None else residual.reshape(-1, hidden).contiguous()
-    res_out = torch.empty_like(rows) if residual is not None else rows
+    res_out = rows if residual is None else torch.empty(rows.shape, dtype=sum_dtype, device=x.device)
     block = triton.next_power_of_2(hidden)
     _rms_norm_kernel[(rows.shape[0],)](
         rows, res_in, weight, out, res_out, eps,

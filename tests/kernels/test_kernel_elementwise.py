@@ -84,6 +84,16 @@ def test_silu_and_mul_matches_reference(dtype):
     torch.testing.assert_close(silu_and_mul_triton(x), silu_and_mul_ref(x), **TOLERANCE[dtype])
 
 
+def test_rms_norm_promotes_like_reference():
+    """A float32 residual stream under fp16 activations: the sum, the norm and the output are float32, as in torch."""
+    x, residual, weight = randn(3, 64), randn(3, 64, dtype=torch.float32, seed=2), randn(64, seed=3)
+    out, new_residual = rms_norm_triton(x, weight, 1e-6, residual)
+    ref, ref_residual = rms_norm_ref(x, weight, 1e-6, residual)
+    assert out.dtype == ref.dtype == new_residual.dtype == torch.float32
+    torch.testing.assert_close(new_residual, ref_residual, **TOLERANCE[torch.float32])
+    torch.testing.assert_close(out, ref, **TOLERANCE[torch.float16])
+
+
 # ---------------------------------------------------------------- real sizes on the GPU, through the public functions
 
 
