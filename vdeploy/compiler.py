@@ -238,29 +238,33 @@ class _Compiler:
                        f"use `max_model_len: {f.max_positions}` or less")
 
     # ---------------------------------------------------------------------------------------------------- memory
-    def _batching(self, max_model_len: int) -> tuple[int, int]:
-        """max_num_seqs and max_num_batched_tokens, given the context length."""
-        r, p = self.recipe.memory, self.profile
-        if r.max_num_seqs == "auto":
-            seqs = self.decide("memory.max_num_seqs", p.max_num_seqs, f"profile {p.name}'s default")
-        else:
-            seqs = r.max_num_seqs
-        chunked = self.recipe.runtime.enable_chunked_prefill
-        if r.max_num_batched_tokens == "auto":
-            tokens = max(p.max_num_batched_tokens, seqs) if chunked else max(max_model_len, seqs)
-            reason = (f"profile {p.name}'s default for chunked prefill" if chunked
-                      else "chunked prefill is off: a whole prompt of max_model_len goes in one step")
-            tokens = self.decide("memory.max_num_batched_tokens", tokens, reason)
-        else:
-            tokens = r.max_num_batched_tokens
-            if tokens < seqs:
-                self.error("VD303", f"max_num_batched_tokens {tokens} is less than max_num_seqs {seqs}",
-                           "memory.max_num_batched_tokens", f"use at least {seqs}")
-            if not chunked and tokens < max_model_len:
-                self.error("VD303", f"with chunked prefill off, max_num_batched_tokens ({tokens}) must hold a "
-                           f"whole prompt of max_model_len ({max_model_len})", "memory.max_num_batched_tokens",
-                           f"use `max_num_batched_tokens: {max_model_len}`, or enable chunked prefill")
-        return seqs, tokens
+    def _batched_tokens(self, seqs: int, max_model_len: int) -> int:
+        """max_num_batched_tokens: the recipe's, else the profile's chunk (a whole prompt when chunked prefill is off)."""
+        fixed = self.recipe.memory.max_num_batched_tokens
+        if fixed != "auto":
+            return fixed
+        chunk = self.profile.max_num_batched_tokens if self.recipe.runtime.enable_chunked_prefill else max_model_len
+        return max(chunk, seqs)
+
+    def _check_batching(self, seqs: int, tokens: int, max_model_len: int) -> None:
+        if tokens < seqs:
+            self.error("VD303", f"max_num_batched_tokens {tokens} is less than max_num_seqs {seqs}",
+                       "memory.max_num_batched_tokens", f"use at least {seqs}")
+        if not self.recipe.runtime.enable_chunked_prefill and tokens < max_model_len:
+            self.error("VD303", f"with chunked prefill off, max_num_batched_tokens ({tokens}) must hold a whole "
+                       f"prompt of max_model_len ({max_model_len})", "memory.max_num_batched_tokens",
+                       f"use `max_num_batched_tokens: {max_model_len}`, or enable chunked prefill")
+
+    def _decide_batching(self, seqs: int, tokens: int, halved: bool) -> None:
+        m, p = self.recipe.memory, self.profile
+        if m.max_num_seqs == "auto":
+            self.decide("memory.max_num_seqs", seqs, f"profile {p.name}'s default {p.max_num_seqs}, halved until the "
+                        "KV cache has room (each batch slot costs sampler memory)" if halved
+                        else f"profile {p.name}'s default")
+        if m.max_num_batched_tokens == "auto":
+            self.decide("memory.max_num_batched_tokens", tokens, f"profile {p.name}'s default for chunked prefill"
+                        if self.recipe.runtime.enable_chunked_prefill
+                        else "chunked prefill is off: a whole prompt of max_model_len goes in one step")
 
     def _utilization(self) -> float:
         u = self.recipe.memory.gpu_memory_utilization
@@ -274,13 +278,22 @@ class _Compiler:
         self.settings["gpu_memory_utilization"] = utilization
         if f is None:
             return self._without_facts(utilization)
-        fixed_len = r.memory.max_model_len != "auto"
-        target_len = r.memory.max_model_len if fixed_len else f.max_positions
-        seqs, tokens = self._batching(min(target_len, f.max_positions))
-        layout = self._layout(dtype, quantization, eager, r.parallelism.tensor_parallel_size, utilization, seqs,
-                              tokens, target_len)
-        block = r.memory.block_size
-        if layout.kv_tokens < block:
+        m, tp = r.memory, r.parallelism.tensor_parallel_size
+        fixed_len = m.max_model_len != "auto"
+        target_len = m.max_model_len if fixed_len else f.max_positions
+        needed = target_len if fixed_len else m.block_size  # what the KV cache must hold at the least
+
+        def fit(seqs: int, max_model_len: int) -> tuple[int, MemoryBudget]:
+            tokens = self._batched_tokens(seqs, max_model_len)
+            return tokens, self._layout(dtype, quantization, eager, tp, utilization, seqs, tokens, max_model_len)
+
+        seqs = self.profile.max_num_seqs if m.max_num_seqs == "auto" else m.max_num_seqs
+        tokens, layout = fit(seqs, target_len)
+        halved = False
+        while m.max_num_seqs == "auto" and layout.kv_tokens < needed and seqs > 1:
+            seqs, halved = seqs // 2, True
+            tokens, layout = fit(seqs, target_len)
+        if layout.kv_tokens < m.block_size:
             self._does_not_fit(layout, dtype, quantization, eager, seqs, tokens, target_len, "VD301")
             max_model_len = target_len
         elif fixed_len:
@@ -291,14 +304,13 @@ class _Compiler:
             max_model_len = self.decide("memory.max_model_len", layout.kv_tokens,
                                         f"the largest that fits: the KV cache holds {layout.kv_tokens} tokens, less "
                                         f"than the model's {f.max_positions} positions")
+            tokens, layout = fit(seqs, max_model_len)  # a whole-prompt batch (chunked prefill off) shrinks with it
         else:
             max_model_len = self.decide("memory.max_model_len", f.max_positions, "the model's positions "
                                         "(max_position_embeddings); the KV cache holds them "
                                         f"{layout.kv_tokens / f.max_positions:.1f} times")
-        if not fixed_len and not self.recipe.runtime.enable_chunked_prefill and max_model_len != target_len:
-            seqs, tokens = self._batching(max_model_len)  # the whole-prompt batch shrank with the context
-            layout = self._layout(dtype, quantization, eager, r.parallelism.tensor_parallel_size, utilization, seqs,
-                                  tokens, max_model_len)
+        self._decide_batching(seqs, tokens, halved)
+        self._check_batching(seqs, tokens, max_model_len)
         layout = layout.model_copy(update={"max_concurrency": round(layout.kv_tokens / max_model_len, 2)})
         fixed_kv = r.memory.kv_cache_memory_bytes
         if fixed_kv != "auto":
@@ -383,7 +395,11 @@ class _Compiler:
         if max_model_len == "auto":
             max_model_len = self.decide("memory.max_model_len", FALLBACK_MAX_MODEL_LEN,
                                         "model facts unavailable offline: a conservative default")
-        seqs, tokens = self._batching(max_model_len)
+        m = r.memory
+        seqs = self.profile.max_num_seqs if m.max_num_seqs == "auto" else m.max_num_seqs
+        tokens = self._batched_tokens(seqs, max_model_len)
+        self._decide_batching(seqs, tokens, halved=False)
+        self._check_batching(seqs, tokens, max_model_len)
         self.settings.update(max_model_len=max_model_len, max_num_seqs=seqs, max_num_batched_tokens=tokens)
         if self.device == "cpu" and r.memory.kv_cache_memory_bytes == "auto":
             kv = int(self.profile.memory_bytes * utilization * CPU_KV_SHARE_WITHOUT_FACTS)

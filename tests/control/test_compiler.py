@@ -244,3 +244,16 @@ def test_fixed_kv_cache_size_is_used_and_checked():
     assert plan.memory.kv_tokens == 2 * GiB // (36_864 * 16) * 16  # opt-125m: 2 x 12 layers x 768 x fp16
     _, [too_big] = plan_for(model="facebook/opt-125m", hardware="t4", memory={"kv_cache_memory_bytes": 20 * GiB})
     assert too_big.code == "VD301" and "the t4 has 14.74 GiB" in too_big.message
+
+
+def test_auto_max_num_seqs_shrinks_until_something_fits():
+    """72B on two H100s at the defaults: 256 sequences' sampler buffers leave no KV cache, so auto halves the batch."""
+    plan, diagnostics = plan_for(model="Qwen/Qwen2.5-72B-Instruct", hardware={"profile": "h100-80gb", "count": 2},
+                                 parallelism={"tensor_parallel_size": 2})
+    assert not diagnostics
+    assert (plan.engine.max_num_seqs, plan.engine.max_model_len) == (128, 4688)
+    [decision] = [d for d in plan.decisions if d.field == "memory.max_num_seqs"]
+    assert "halved" in decision.reason
+    _, [fixed] = plan_for(model="Qwen/Qwen2.5-72B-Instruct", hardware={"profile": "h100-80gb", "count": 2},
+                          parallelism={"tensor_parallel_size": 2}, memory={"max_num_seqs": 256, "max_model_len": 4096})
+    assert fixed.code == "VD301" and "`max_num_seqs: 128`" in fixed.hint
