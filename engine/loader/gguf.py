@@ -136,6 +136,11 @@ def iter_gguf(path: Path, hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
     rope_heads = {"q_proj": hf_config.num_attention_heads, "k_proj": hf_config.num_key_value_heads}
     for tensor in reader.tensors:
         name = hf_tensor_name(tensor.name)
+        if tensor.name == "rope_freqs.weight":
+            raise ModelLoadError(
+                f"{path}: per-frequency rope factors (rope_freqs.weight, llama 3.1-style rope scaling) are not "
+                "supported in GGUF files yet; use the HF safetensors checkpoint"
+            )
         if name is None:
             raise ModelLoadError(f"{path}: tensor {tensor.name!r} has no place in a {arch} model")
         try:

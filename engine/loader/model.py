@@ -31,6 +31,7 @@ def _building_on(device: str, dtype: torch.dtype) -> Iterator[None]:
 def load_model(config: EngineConfig, hf_config: Any) -> nn.Module:
     """The model for `config` on `config.device` in `config.dtype`, weights loaded, in eval mode."""
     cls = model_class(hf_config)
+    _check_quantization(config, hf_config)
     with _building_on(config.device, getattr(torch, config.dtype)):
         model = cls(hf_config)
     path = resolve_model(config.model, config.revision, config.download_dir)
@@ -44,6 +45,23 @@ def load_model(config: EngineConfig, hf_config: Any) -> nn.Module:
         weights = iter_checkpoint(path)
     load_weights(model, weights, source=str(path))
     return model.eval()
+
+
+def _check_quantization(config: EngineConfig, hf_config: Any) -> None:
+    """Quantized linear methods are not written yet (engine.layers.linear.QuantMethod is where they go); GGUF files
+    are dequantized at load. Refuse the rest before reading gigabytes of packed weights."""
+    stored = getattr(hf_config, "quantization_config", None)
+    if isinstance(stored, dict):
+        stored = stored.get("quant_method", "unknown")
+    elif stored is not None:
+        stored = getattr(stored, "quant_method", "unknown")
+    method = stored or config.quantization
+    if method not in (None, "gguf"):
+        where = "the checkpoint is quantized with" if stored else "quantization:"
+        raise ModelLoadError(
+            f"{where} {method}, which the built-in engine cannot run yet (it runs unquantized checkpoints and GGUF "
+            "files, which it dequantizes); use an unquantized or GGUF model, or backend: vllm"
+        )
 
 
 def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], source: str) -> None:

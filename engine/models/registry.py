@@ -21,6 +21,15 @@ ARCHITECTURES: dict[str, str] = {
     "BertForPreTraining": _BERT,
 }
 
+# For configs that leave `architectures` out: the usual architecture of each model_type.
+_BY_MODEL_TYPE = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "opt": "OPTForCausalLM",
+    "bert": "BertModel",
+}
+
 
 def is_supported(architecture: str) -> bool:
     return architecture in ARCHITECTURES
@@ -29,11 +38,13 @@ def is_supported(architecture: str) -> bool:
 def model_class(hf_config: Any) -> type:
     """The module class for `hf_config`; a clear error naming the architecture when there is none."""
     architectures = getattr(hf_config, "architectures", None) or []
-    if not architectures:
+    model_type = getattr(hf_config, "model_type", None)
+    name = architectures[0] if architectures else _BY_MODEL_TYPE.get(model_type)
+    if name is None:
         raise ModelLoadError(
-            f"the model config names no architecture ('architectures' is empty); supported: {', '.join(ARCHITECTURES)}"
+            f"the model config names no architecture and its model_type {model_type!r} is not one the built-in engine "
+            f"knows; supported architectures: {', '.join(ARCHITECTURES)}"
         )
-    name = architectures[0]
     if name not in ARCHITECTURES:
         raise ModelLoadError(
             f"architecture {name!r} is not supported by the built-in engine; supported: {', '.join(ARCHITECTURES)}"

@@ -57,6 +57,15 @@ def test_unsupported_architecture_names_it_and_the_supported_ones(llama_copy):
         load_engine_model(llama_copy)
 
 
+def test_config_without_architectures_falls_back_on_model_type(llama_copy, tiny_llama_dir):
+    config_file = llama_copy / "config.json"
+    config = json.loads(config_file.read_text())
+    del config["architectures"]
+    config_file.write_text(json.dumps(config))
+    for got, want in zip(_logits(llama_copy), _logits(tiny_llama_dir), strict=True):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
 def test_malformed_config_json_gives_file_line_and_column(llama_copy):
     (llama_copy / "config.json").write_text('{\n  "model_type": "llama",\n  "hidden_size": 64,,\n}')
     with pytest.raises(ModelLoadError, match=r"config.json:3:21: not valid JSON \(Expecting property name"):
@@ -91,6 +100,20 @@ def test_config_that_does_not_match_the_weights_names_the_tensor(llama_copy):
         ModelLoadError, match=r"tensor 'model.layers.0.mlp.\w+_proj.weight': expected shape .*96.*got .*128"
     ):
         load_engine_model(llama_copy)
+
+
+def test_quantized_checkpoints_are_refused_by_name(llama_copy):
+    config_file = llama_copy / "config.json"
+    quantized = {"quant_method": "awq", "bits": 4, "group_size": 128}
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "quantization_config": quantized}))
+    with pytest.raises(ModelLoadError, match="the checkpoint is quantized with awq, which the built-in engine cannot"):
+        load_engine_model(llama_copy)
+
+
+def test_quantization_setting_without_kernels_is_refused(tiny_llama_dir):
+    config = EngineConfig(model=str(tiny_llama_dir), quantization="fp8")
+    with pytest.raises(ModelLoadError, match="quantization: fp8, which the built-in engine cannot run yet"):
+        load_model(config, load_hf_config(config))
 
 
 def test_missing_local_path_is_not_mistaken_for_a_hub_id(tmp_path):
