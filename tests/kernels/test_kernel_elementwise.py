@@ -1,7 +1,7 @@
 """Triton KV-cache write, RMSNorm, rotary and SiLU-and-mul against their torch references.
 
-Unmarked tests call the *_triton functions at small sizes (Triton's interpreter on a CPU box, compiled on a GPU box);
-tests marked `gpu` go through the public functions at real model sizes.
+Unmarked tests call the *_triton functions at small sizes (Triton's interpreter on a CPU box, compiled on a GPU box),
+bf16 included since these kernels use no tl.dot; tests marked `gpu` go through the public functions at real sizes.
 """
 
 import pytest
@@ -49,7 +49,7 @@ def test_write_kv_cache_matches_reference():
     check_kv_write(write_kv_cache_triton, 20, 3, 24, 16, 4, torch.float16, DEVICE)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", ELEMENTWISE_DTYPES)
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_rms_norm_matches_reference(dtype, with_residual):
     x = randn(5, 96, dtype=dtype)  # a hidden size that is not a power of two
@@ -63,22 +63,23 @@ def test_rms_norm_matches_reference(dtype, with_residual):
     torch.testing.assert_close(out, ref, **TOLERANCE[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("is_neox", [True, False])
 @pytest.mark.parametrize("rot_dim", [32, 16])  # full and partial rotation
-def test_rotary_matches_reference(is_neox, rot_dim):
+def test_rotary_matches_reference(dtype, is_neox, rot_dim):
     num_tokens, head_dim = 6, 32
-    qkv = randn(num_tokens, (3 + 2 * 2) * head_dim)
+    qkv = randn(num_tokens, (3 + 2 * 2) * head_dim, dtype=dtype)
     q, k, _ = qkv.split([3 * head_dim, 2 * head_dim, 2 * head_dim], dim=-1)  # strided views of a fused projection
     q, k = q.view(num_tokens, 3, head_dim), k.view(num_tokens, 2, head_dim)
     cos_sin_cache = randn(50, rot_dim, dtype=torch.float32, seed=7)
     positions = torch.tensor([0, 5, 49, 3, 3, 17], device=DEVICE)
     out_q, out_k = apply_rotary_triton(q, k, positions, cos_sin_cache, is_neox)
     ref_q, ref_k = apply_rotary_ref(q, k, positions, cos_sin_cache, is_neox)
-    torch.testing.assert_close(out_q, ref_q, **TOLERANCE[torch.float16])
-    torch.testing.assert_close(out_k, ref_k, **TOLERANCE[torch.float16])
+    torch.testing.assert_close(out_q, ref_q, **TOLERANCE[dtype])
+    torch.testing.assert_close(out_k, ref_k, **TOLERANCE[dtype])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", ELEMENTWISE_DTYPES)
 def test_silu_and_mul_matches_reference(dtype):
     x = randn(2, 3, 2 * 40, dtype=dtype) * 3
     torch.testing.assert_close(silu_and_mul_triton(x), silu_and_mul_ref(x), **TOLERANCE[dtype])
