@@ -1,6 +1,6 @@
 """Diagnostics: a stable code, a severity, a location in the recipe, a message and a fix, like a linter's.
 
-Codes never change meaning once published; `CODES` is the catalogue (`vdeploy lint --explain-codes` lists it).
+Codes never change meaning once published; `CODES` is the catalogue (`vdeploy lint --codes` lists it).
 VD0xx: reading the recipe. VD1xx: hardware. VD2xx: the model. VD3xx: memory and batching.
 """
 

@@ -137,7 +137,7 @@ def json_schema() -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------- YAML with positions
 
-Path_ = tuple[str | int, ...]
+KeyPath = tuple[str | int, ...]
 
 
 @dataclass
@@ -145,9 +145,9 @@ class SourceMap:
     """Where each key of one YAML document sits: recipe path -> (line, column), 1-based. () is the document."""
 
     file: str
-    positions: dict[Path_, tuple[int, int]] = field(default_factory=dict)
+    positions: dict[KeyPath, tuple[int, int]] = field(default_factory=dict)
 
-    def locate(self, path: Path_) -> tuple[int | None, int | None]:
+    def locate(self, path: KeyPath) -> tuple[int | None, int | None]:
         """The position of `path`, or of its nearest ancestor that exists (a missing key points at its parent)."""
         for end in range(len(path), -1, -1):
             if path[:end] in self.positions:
@@ -174,7 +174,7 @@ _constructor = yaml.constructor.SafeConstructor()
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-def _to_python(node: yaml.Node, path: Path_, source: SourceMap, problems: list[Diagnostic]) -> Any:
+def _to_python(node: yaml.Node, path: KeyPath, source: SourceMap, problems: list[Diagnostic]) -> Any:
     """Build plain Python data from a composed YAML node, recording every key's position on the way."""
     if isinstance(node, yaml.MappingNode):
         _constructor.flatten_mapping(node)  # resolves `<<: *anchor` merges
@@ -197,7 +197,7 @@ def _to_python(node: yaml.Node, path: Path_, source: SourceMap, problems: list[D
     return _constructor.construct_object(node, deep=True)
 
 
-def _dotted(path: Path_) -> str:
+def _dotted(path: KeyPath) -> str:
     return ".".join(str(p) for p in path)
 
 
@@ -271,7 +271,7 @@ def _validate(data: Any, source: SourceMap, problems: list[Diagnostic]) -> Recip
     except ValidationError as exc:
         problems.extend(_translate(exc, data))
         recipe = None
-    return RecipeDocument(source, None if problems and recipe is None else recipe, [source.place(d) for d in problems])
+    return RecipeDocument(source, recipe, [source.place(d) for d in problems])
 
 
 def _yaml_kind(value: Any) -> str:
@@ -297,7 +297,7 @@ _CONSTRAINTS = {"greater_than", "greater_than_equal", "less_than", "less_than_eq
                 "string_too_short", "string_too_long"}
 
 
-def _data_path(loc: tuple, data: Any, missing: bool) -> Path_:
+def _data_path(loc: tuple, data: Any, missing: bool) -> KeyPath:
     """The recipe path an error is about: pydantic's `loc` minus union-member tags (kept only where the data has them)."""
     path: list[str | int] = []
     node = data
@@ -313,7 +313,7 @@ def _data_path(loc: tuple, data: Any, missing: bool) -> Path_:
     return tuple(path)
 
 
-def _fields_at(path: Path_) -> list[str]:
+def _fields_at(path: KeyPath) -> list[str]:
     model: type[BaseModel] | None = Recipe
     for part in path:
         annotation = model.model_fields[part].annotation if model and part in model.model_fields else None
@@ -329,7 +329,7 @@ def _models_in(annotation: Any) -> list[type[BaseModel]]:
 
 def _translate(exc: ValidationError, data: dict) -> list[Diagnostic]:
     """Turn pydantic's errors into one diagnostic per recipe field, with messages a user of the recipe understands."""
-    grouped: dict[Path_, list[dict]] = {}
+    grouped: dict[KeyPath, list[dict]] = {}
     for err in exc.errors():
         path = _data_path(err["loc"], data, missing=err["type"] == "missing")
         grouped.setdefault(path, []).append(err)
@@ -338,7 +338,7 @@ def _translate(exc: ValidationError, data: dict) -> list[Diagnostic]:
     return [_diagnose(path, grouped[path]) for path in deepest]
 
 
-def _diagnose(path: Path_, errors: list[dict]) -> Diagnostic:
+def _diagnose(path: KeyPath, errors: list[dict]) -> Diagnostic:
     dotted = _dotted(path)
     kinds = {e["type"] for e in errors}
     if "extra_forbidden" in kinds:
@@ -366,7 +366,7 @@ def _lower_first(text: str) -> str:
     return text[:1].lower() + text[1:]
 
 
-def _constraint_hint(path: Path_) -> str | None:
+def _constraint_hint(path: KeyPath) -> str | None:
     return {
         "gpu_memory_utilization": "a fraction of GPU memory, e.g. 0.9",
         "port": "a TCP port between 1 and 65535",
@@ -375,7 +375,7 @@ def _constraint_hint(path: Path_) -> str | None:
     }.get(str(path[-1]) if path else "")
 
 
-def _unknown_key(path: Path_) -> Diagnostic:
+def _unknown_key(path: KeyPath) -> Diagnostic:
     dotted, key = _dotted(path), str(path[-1])
     if path == ("task",):
         hint = "`task: embed` becomes `runner: pooling` and `convert: embed`; `task: generate` becomes `runner: generate`"
