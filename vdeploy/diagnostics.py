@@ -10,7 +10,7 @@ import json
 import os
 import sys
 from collections.abc import Iterable
-from typing import Literal
+from typing import Literal, TextIO
 
 from pydantic import BaseModel
 
@@ -159,7 +159,7 @@ def format_diagnostics(diagnostics: Iterable[Diagnostic], fmt: str = "text", col
     raise ValueError(f"unknown diagnostics format {fmt!r}; choose one of {', '.join(FORMATS)}")
 
 
-def use_color(stream=None) -> bool:
+def use_color(stream: TextIO | None = None) -> bool:
     """Colour on a terminal unless NO_COLOR is set (https://no-color.org)."""
     stream = stream or sys.stdout
     return stream.isatty() and "NO_COLOR" not in os.environ

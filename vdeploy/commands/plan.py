@@ -25,7 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("plan", help="show the resolved engine settings and memory plan",
                                    description=__doc__)
     add_file_arguments(parser)
-    parser.add_argument("--format", choices=("text", "json"), default="text", help="output format (default: text)")
+    parser.add_argument("--format", choices=("text", "json"), default="text",
+                        help="output format (default: text); json gives one object, or a list when FILE holds several")
     parser.add_argument("--detailed-exitcode", action="store_true",
                         help="exit 0 when `apply` would change nothing, 2 when it would, 1 on errors (as terraform)")
     parser.set_defaults(func=run)
