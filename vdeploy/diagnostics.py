@@ -120,7 +120,7 @@ def format_sarif(diagnostics: Iterable[Diagnostic]) -> str:
             result["locations"] = [{"physicalLocation": {"artifactLocation": {"uri": d.file}, "region": region}}]
         results.append(result)
     rules = [{"id": code, "shortDescription": {"text": text}} for code, text in CODES.items()]
-    run = {"tool": {"driver": {"name": "vdeploy", "informationUri": "https://example.invalid/vdeploy", "rules": rules}}}
+    run = {"tool": {"driver": {"name": "vdeploy", "rules": rules}}}
     run["results"] = results
     sarif = {"version": "2.1.0", "$schema": "https://json.schemastore.org/sarif-2.1.0.json", "runs": [run]}
     return json.dumps(sarif, indent=2)
