@@ -22,6 +22,18 @@ def _package_dir(name: str) -> Path | None:
     return Path(spec.submodule_search_locations[0])
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _engine_cache_dir(tmp_path_factory: pytest.TempPathFactory):
+    """Engine caches (converted GGUF tokenizers) go to one session temp dir, shared with the engine processes tests
+    start, instead of the user's ~/.cache."""
+    if "VDEPLOY_CACHE_DIR" in os.environ:
+        yield
+        return
+    os.environ["VDEPLOY_CACHE_DIR"] = str(tmp_path_factory.mktemp("vdeploy-cache"))
+    yield
+    del os.environ["VDEPLOY_CACHE_DIR"]
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama")

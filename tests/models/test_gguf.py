@@ -49,6 +49,24 @@ def test_tiny_gguf_tokenizer_matches_the_original(tiny_llama_dir, tmp_path):
     assert prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
 
+def test_gguf_tokenizer_is_converted_once_then_read_from_the_cache(tiny_llama_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("VDEPLOY_CACHE_DIR", str(tmp_path / "cache"))
+    path = save_tiny_gguf(tiny_llama_dir, tmp_path / "model.gguf")
+    config = EngineConfig(model=str(path))
+    first = load_tokenizer(config)
+    (entry,) = (tmp_path / "cache" / "gguf-tokenizers").iterdir()
+    # Later loads read the entry: a template edited there shows up.
+    (entry / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    second = load_tokenizer(config)
+    assert second.apply_chat_template([{"role": "user", "content": "cached"}], tokenize=False) == "cached"
+    assert second("你好 world").input_ids == first("你好 world").input_ids
+    # A damaged entry is rebuilt from the file.
+    (entry / "tokenizer.json").write_text("{not json")
+    rebuilt = load_tokenizer(config)
+    assert rebuilt("你好 world").input_ids == first("你好 world").input_ids
+    assert rebuilt.chat_template == first.chat_template
+
+
 def test_truncated_gguf_is_reported(tiny_llama_dir, tmp_path):
     path = save_tiny_gguf(tiny_llama_dir, tmp_path / "model.gguf")
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
