@@ -56,7 +56,9 @@ class RunningServer:
 
 
 @contextmanager
-def run_server(argv: list[str], log: Path, api_key: str | None = None, env: dict | None = None) -> Iterator[RunningServer]:
+def run_server(
+    argv: list[str], log: Path, api_key: str | None = None, env: dict | None = None
+) -> Iterator[RunningServer]:
     """Runs `python <argv> --port P` and waits for /health; stops it (SIGTERM, then SIGKILL) afterwards."""
     port = free_port()
     with open(log, "wb") as out:
