@@ -116,7 +116,7 @@ def _attend_keys(
     k_ptr, v_ptr, table_ptr, qk_scale, window,
     stride_block, stride_slot, offs_d, d_mask,
     BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, PAGED: tl.constexpr, CAUSAL: tl.constexpr,
-    SLIDING: tl.constexpr,
+    SLIDING: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Online softmax of the rows of q [M, D] (at context positions q_pos [M]) over keys lo..hi-1, BLOCK_N at a time.
     Paged: key j sits in block table_ptr[j // BLOCK_SIZE] at slot j % BLOCK_SIZE; flat: at row j of k_ptr/v_ptr."""
@@ -137,13 +137,13 @@ def _attend_keys(
             visible = visible & (k_pos[None, :] <= q_pos[:, None])
         if SLIDING:
             visible = visible & (q_pos[:, None] - k_pos[None, :] < window)
-        s = tl.where(visible, tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))
+        s = tl.where(visible, tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -156,6 +156,7 @@ def _decode_split_kernel(
     stride_qb, stride_qh, stride_ob, stride_oh, stride_block, stride_slot, stride_head, stride_table,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr, SLIDING: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """One program per (sequence, KV head, split): the GROUP query heads that share the KV head (padded to BLOCK_G
     rows so tl.dot has M >= 16) attend over one contiguous share of the visible context. It writes the output, or
@@ -186,7 +187,7 @@ def _decode_split_kernel(
         k_cache_ptr + kv_head * stride_head, v_cache_ptr + kv_head * stride_head,
         block_tables_ptr + seq * stride_table, qk_scale, window,
         stride_block, stride_slot, offs_d, d_mask,
-        BLOCK_N, BLOCK_SIZE, True, False, False,
+        BLOCK_N, BLOCK_SIZE, True, False, False, PRECISION,
     )
 
     if PARTIAL:
@@ -241,7 +242,7 @@ def _prefill_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh, stride_block, stride_slot, stride_head, stride_table,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, PAGED: tl.constexpr, CAUSAL: tl.constexpr,
-    SLIDING: tl.constexpr,
+    SLIDING: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One program per (query tile of BLOCK_M tokens of one sequence, query head). The grid needs no host sync: it
     covers T // BLOCK_M + B tiles, and a tile past its sequence's queries returns at once.
@@ -287,7 +288,7 @@ def _prefill_kernel(
         acc, m_i, l_i, q, seq_len - q_len + offs_m, lo, hi,
         k_base, v_base, block_tables_ptr + seq * stride_table, qk_scale, window,
         stride_block, stride_slot, offs_d, d_mask,
-        BLOCK_N, BLOCK_SIZE, PAGED, CAUSAL, SLIDING,
+        BLOCK_N, BLOCK_SIZE, PAGED, CAUSAL, SLIDING, PRECISION,
     )
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     out_ptrs = out_ptr + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
@@ -319,6 +320,11 @@ def _decode_splits(batch: int, num_kv_heads: int, context_capacity: int, device:
     Shapes only, no look at seq_lens: the choice is fixed for a CUDA graph."""
     wanted = triton.cdiv(2 * _multiprocessors(device), batch * num_kv_heads)
     return max(1, min(wanted, triton.cdiv(context_capacity, _MIN_SPLIT_TOKENS), _MAX_SPLITS))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """float32 inputs get full-precision products (tl.dot would round them to tf32); halves are exact either way."""
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _unit_stride(x: torch.Tensor) -> torch.Tensor:
@@ -368,7 +374,7 @@ def paged_decode_attention_triton(
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), block_tables.stride(0),
         GROUP=group, BLOCK_G=max(_MIN_DECODE_ROWS, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=block_n, PARTIAL=num_splits > 1,
-        SLIDING=sliding_window is not None, num_warps=_NUM_WARPS,
+        SLIDING=sliding_window is not None, PRECISION=_precision(q.dtype), num_warps=_NUM_WARPS,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_heads)](
@@ -408,7 +414,7 @@ def _launch_prefill(
         stride_block, stride_slot, k.stride(-2), block_tables.stride(0),
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_M=_PREFILL_BLOCK_M, BLOCK_N=_block_n(head_dim), BLOCK_SIZE=block_size, PAGED=paged, CAUSAL=causal,
-        SLIDING=sliding_window is not None, num_warps=_NUM_WARPS,
+        SLIDING=sliding_window is not None, PRECISION=_precision(q.dtype), num_warps=_NUM_WARPS,
     )
     return out
 

@@ -4,7 +4,7 @@ interpreter accepts programs the GPU compiler rejects, e.g. tl.dot with fewer th
 
     env -u TRITON_INTERPRET python3 tests/kernels/sm90_compile.py [--all]
 
-Without --all: bf16 only, and the smallest and largest head_dim (about 20 s with a cold Triton cache on 2 cores).
+Without --all: bf16 only (and one float32 shape), and the smallest and largest head_dim (about 20 s with a cold Triton cache on 2 cores).
 """
 
 import os
@@ -64,7 +64,8 @@ def attention_kernels(dtype: str, shapes: list[tuple[int, int, int]]) -> list[bo
     partials = {"part_out_ptr": "fp32", "part_max_ptr": "fp32", "part_sum_ptr": "fp32"}
     pipelined = []
     for group, head_dim, block_size in shapes:
-        common = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_N=attention._block_n(head_dim))
+        common = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_N=attention._block_n(head_dim),
+                      PRECISION="ieee" if dtype == "fp32" else "tf32")
         for partial in (False, True):
             decode = dict(common, BLOCK_G=16, BLOCK_SIZE=block_size, PARTIAL=partial, SLIDING=partial)
             pipelined.append(compile_for_h100(attention._decode_split_kernel, dtype, {**tables, **partials}, decode))
@@ -99,6 +100,7 @@ def main() -> None:
     for dtype in ("bf16", "fp16") if everything else ("bf16",):
         pipelined += attention_kernels(dtype, ATTENTION_SHAPES if everything else ATTENTION_SHAPES[::3])
         elementwise_kernels(dtype)
+    attention_kernels("fp32", ATTENTION_SHAPES[:1])  # full-precision products: correctness, not speed
     assert all(pipelined), "an attention kernel's K/V loads were not software-pipelined"
     print("all kernels compile for sm_90")
 

@@ -181,3 +181,18 @@ def test_gpu_varlen(dtype, heads, causal):
     ref = varlen_attention_ref(q, k, v, cu, head_dim**-0.5, causal)
     assert relative_error(out, ref) < 1e-2
     torch.testing.assert_close(out, ref, **TOLERANCE[dtype])
+
+
+@pytest.mark.gpu
+def test_gpu_float32_attention_is_not_rounded_to_tf32():
+    """A float32 model (tiny test models, some CPU-to-GPU comparisons) must get float32 products, not tf32."""
+    exact = dict(atol=1e-5, rtol=1e-4)
+    key_cache, value_cache, tables, lens = make_paged_cache([700, 33], 2, 64, 16, torch.float32)
+    q = randn(2, 14, 64, dtype=torch.float32)
+    out = kernels.paged_decode_attention(q, key_cache, value_cache, tables, lens, 0.125)
+    torch.testing.assert_close(out, paged_decode_attention_ref(q, key_cache, value_cache, tables, lens, 0.125), **exact)
+    q = randn(40, 14, 64, dtype=torch.float32)
+    cu = cu_seqlens_of([20, 20])
+    out = kernels.paged_prefill_attention(q, key_cache, value_cache, tables, cu, lens, 0.125)
+    ref = paged_prefill_attention_ref(q, key_cache, value_cache, tables, cu, lens, 0.125)
+    torch.testing.assert_close(out, ref, **exact)
