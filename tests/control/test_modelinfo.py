@@ -163,3 +163,13 @@ def test_unknown_hub_id_is_a_warning():
     facts, [d] = resolve_model("nobody/nothing")
     assert facts is None and (d.code, d.severity) == ("VD202", "warning")
     assert "memory not checked" in d.message
+
+
+def test_every_catalogue_entry_resolves():
+    from vdeploy.modelinfo import catalogue
+
+    for entry in {e["id"]: e for e in catalogue().values()}.values():
+        facts, diagnostics = resolve_model(entry["id"])
+        assert not diagnostics, entry["id"]
+        assert facts.num_heads % facts.num_kv_heads == 0 and facts.head_dim * facts.num_heads >= facts.hidden_size // 2
+        assert facts.param_count > 10_000_000 and facts.max_positions >= 512 and facts.vocab_size > 1000
