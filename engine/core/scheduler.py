@@ -84,7 +84,7 @@ class Scheduler:
                 break
             self.swapped.popleft()
             self.kv.swap_in(seq)
-            assert self.kv.allocate_slots(seq, n)  # can_swap_in counted these blocks
+            self.kv.allocate_slots(seq, n)  # cannot fail: can_swap_in counted these blocks
             self._run(seq, n, out)
             budget -= n
         return budget
@@ -103,6 +103,7 @@ class Scheduler:
             if not seq.request.metrics.num_cached_tokens:
                 seq.request.metrics.num_cached_tokens = seq.num_computed_tokens
             self._run(seq, n, out)
+            budget -= n
 
     def _run(self, seq: Sequence, n: int, out: SchedulerOutput) -> None:
         seq.status = SeqStatus.RUNNING

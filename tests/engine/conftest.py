@@ -24,4 +24,3 @@ def make_llm(tiny_llama_dir):
         return LLM(str(tiny_llama_dir), **{**args, **kwargs})
 
     return make
-

@@ -44,7 +44,9 @@ def test_concurrent_streams_match_offline_generation(async_engine, make_llm):
 def test_abort_ends_the_stream_and_frees_blocks(async_engine):
     async def run():
         seen = []
-        async for output in async_engine.generate([5, 6, 7, 8, 9], SamplingParams(max_tokens=100, ignore_eos=True), "a"):
+        async for output in async_engine.generate(
+            [5, 6, 7, 8, 9], SamplingParams(max_tokens=100, ignore_eos=True), "a"
+        ):
             seen.append(output)
             if len(seen) == 3:
                 await async_engine.abort("a")

@@ -30,7 +30,10 @@ def token_ids(outputs) -> list[list[int]]:
 def alone(make_llm) -> list[list[int]]:
     """Each request on its own, in an engine with no prefix cache."""
     llm = make_llm(enable_prefix_caching=False)
-    return [llm.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids for p, params in zip(PROMPTS, PARAMS, strict=True)]
+    return [
+        llm.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids
+        for p, params in zip(PROMPTS, PARAMS, strict=True)
+    ]
 
 
 def test_greedy_tokens_match_transformers(make_llm, tiny_llama_dir):
@@ -239,3 +242,25 @@ def test_bad_prompts_are_clear_errors(make_llm):
     with pytest.raises(ValueError, match="sampling_params: got 2 for 1 prompts"):
         llm.generate(["a"], [SamplingParams(), SamplingParams()], use_tqdm=False)
     assert not llm.llm_engine.has_unfinished_requests()
+
+
+def test_bad_llm_arguments_get_the_compilers_diagnostics(tiny_llama_dir):
+    from engine import LLM
+    from vdeploy.compiler import PlanError
+
+    with pytest.raises(PlanError, match="block_size"):
+        LLM(str(tiny_llama_dir), block_size=3)
+    with pytest.raises(PlanError, match="did you mean 'max_num_seqs'"):
+        LLM(str(tiny_llama_dir), max_num_seq=4)
+
+
+def test_profile_run_runs_the_largest_step_without_touching_the_cache(make_llm):
+    llm = make_llm()
+    runner = llm.llm_engine.runner
+    caches = [(layer.k_cache, layer.v_cache) for layer in runner.attn_layers]
+    assert runner.profile_run() == 0  # peak memory is tracked on CUDA only
+    assert all(
+        layer.k_cache is k and layer.v_cache is v for layer, (k, v) in zip(runner.attn_layers, caches, strict=True)
+    )
+    assert not any(k.any() for k, _ in caches)  # nothing was written
+    assert len(llm.generate(["Hello"], SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids) == 2
