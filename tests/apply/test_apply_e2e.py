@@ -181,8 +181,10 @@ def test_broken_revisions_fail_with_their_cause_and_old_keeps_serving(world: Wor
     assert missing.returncode == 1
     assert "gone.gguf" in missing.stderr and "does not exist" in missing.stderr
 
-    impossible = world.vdeploy("apply", str(world.recipe(memory__max_model_len=8192, memory__max_num_seqs=64)))
-    assert impossible.returncode == 1 and "error[VD3" in impossible.stderr  # the memory model refuses it
+    impossible = world.vdeploy(
+        "apply", str(world.recipe(memory__max_model_len=8192, memory__gpu_memory_utilization=0.5))
+    )
+    assert impossible.returncode == 1 and "error[VD302]" in impossible.stderr  # one sequence cannot fit
 
     # Compiles, but the replica cannot start: the API key variable the recipe names is not set.
     no_key = world.vdeploy("apply", str(world.recipe(server__api_key_env="VDEPLOY_UNSET_KEY")), "--timeout", WAIT)
@@ -238,7 +240,7 @@ def test_supervisor_killed_mid_apply_then_next_apply_recovers(world: World) -> N
     assert status["running"] is False and status["revision"] is None
     result = world.vdeploy("apply", str(recipe), "--timeout", WAIT)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert world.status()["revision"] == 3 and world.status()["ready"] == 1
+    assert world.status()["revision"] == 4 and world.status()["ready"] == 1  # 3 is the broken one
 
 
 def status_pid(world: World) -> int:

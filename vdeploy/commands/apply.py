@@ -77,9 +77,13 @@ def run(args: argparse.Namespace) -> int:
     if has_errors(diagnostics):
         print("apply: nothing changed (fix the errors above)", file=sys.stderr)
         return 1
-    if args.foreground and len(plans) != 1:
-        print(f"apply: --foreground runs one deployment; {args.path} holds {len(plans)}", file=sys.stderr)
-        return 1
+    if args.foreground:
+        if len(plans) != 1:
+            print(f"apply: --foreground runs one deployment; {args.path} holds {len(plans)}", file=sys.stderr)
+            return 1
+        if Deployment(plans[0]["name"]).supervisor_alive():
+            print(f"apply: {plans[0]['name']} already has a supervisor; `vdeploy delete` it first", file=sys.stderr)
+            return 1
 
     results: list[dict[str, Any]] = []
     pending: list[tuple[dict[str, Any], Deployment, int]] = []
@@ -114,11 +118,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.foreground:
         _report(results, args.format)
+        if results[0]["action"] in FAILED:
+            return 1
         from vdeploy.supervisor import run_foreground
 
-        if Deployment(plans[0]["name"]).supervisor_alive():
-            print(f"apply: {plans[0]['name']} already has a supervisor; `vdeploy delete` it first", file=sys.stderr)
-            return 1
         return run_foreground(Deployment(plans[0]["name"]))
 
     if args.wait:
