@@ -222,14 +222,14 @@ def _decode_reduce_kernel(
 
 
 @triton.jit
-def _find_sequence(cu_seqlens_ptr, num_seqs, tile, BLOCK_M: tl.constexpr):
-    """The sequence that owns query tile `tile`, where sequence b's tiles start at cu_seqlens[b] // BLOCK_M + b
+def _find_sequence(cu_seqlens_ptr, num_seqs, tile, BLOCK_Q: tl.constexpr):
+    """The sequence that owns query tile `tile`, where sequence b's tiles start at cu_seqlens[b] // BLOCK_Q + b
     (a start that leaves room for every sequence's partial last tile): a binary search for the last start <= tile."""
     lo = tile * 0
     hi = lo + num_seqs - 1
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        owns = tl.load(cu_seqlens_ptr + mid) // BLOCK_M + mid <= tile
+        owns = tl.load(cu_seqlens_ptr + mid) // BLOCK_Q + mid <= tile
         lo = tl.where(owns, mid, lo)
         hi = tl.where(owns, hi, mid - 1)
     return lo
@@ -240,23 +240,24 @@ def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, block_tables_ptr, cu_seqlens_q_ptr, seq_lens_ptr, out_ptr,
     qk_scale, window, num_seqs,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_block, stride_slot, stride_head, stride_table,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, PAGED: tl.constexpr, CAUSAL: tl.constexpr,
-    SLIDING: tl.constexpr, PRECISION: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_Q: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, PAGED: tl.constexpr,
+    CAUSAL: tl.constexpr, SLIDING: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One program per (query tile of BLOCK_M tokens of one sequence, query head). The grid needs no host sync: it
-    covers T // BLOCK_M + B tiles, and a tile past its sequence's queries returns at once.
+    """One program per (tile of BLOCK_Q query tokens of one sequence, KV head). Its BLOCK_Q * BLOCK_G rows are every
+    (token, query head of the KV group) pair, so K/V are read once per group, and a sequence with one query (a
+    decode mixed into a prefill batch) still fills the rows. The grid needs no host sync: it covers T // BLOCK_Q + B
+    tiles, and a tile past its sequence's queries returns at once.
     PAGED: keys come from the paged cache and the queries are the last q_len of seq_lens[b] positions.
     Not PAGED: keys are k_ptr/v_ptr rows cu_seqlens_q[b]..cu_seqlens_q[b+1]-1, the same tokens as the queries."""
-    tile, head = tl.program_id(0), tl.program_id(1)
-    seq = _find_sequence(cu_seqlens_q_ptr, num_seqs, tile, BLOCK_M)
+    tile, kv_head = tl.program_id(0), tl.program_id(1)
+    seq = _find_sequence(cu_seqlens_q_ptr, num_seqs, tile, BLOCK_Q)
     q_start = tl.load(cu_seqlens_q_ptr + seq)
     q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
-    q_tile = tile - (q_start // BLOCK_M + seq)
-    if q_tile * BLOCK_M >= q_len:
+    q_tile = tile - (q_start // BLOCK_Q + seq)
+    if q_tile * BLOCK_Q >= q_len:
         return
 
-    kv_head = head // GROUP
     if PAGED:
         seq_len = tl.load(seq_lens_ptr + seq)
         k_base = k_ptr + kv_head * stride_head
@@ -266,40 +267,44 @@ def _prefill_kernel(
         k_base = k_ptr + q_start.to(tl.int64) * stride_slot + kv_head * stride_head
         v_base = v_ptr + q_start.to(tl.int64) * stride_slot + kv_head * stride_head
 
-    offs_m = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.arange(0, BLOCK_Q * BLOCK_G)
+    token = q_tile * BLOCK_Q + rows // BLOCK_G  # index among the sequence's queries
+    head = kv_head * GROUP + rows % BLOCK_G
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
-    row_mask = (offs_m < q_len)[:, None] & d_mask[None, :]
-    q_rows = (q_start + offs_m).to(tl.int64)
-    q = tl.load(q_ptr + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=row_mask, other=0.0)
+    row_mask = ((rows % BLOCK_G < GROUP) & (token < q_len))[:, None] & d_mask[None, :]
+    q_rows = (q_start + token).to(tl.int64)
+    q_offsets = q_rows[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptr + q_offsets, mask=row_mask, other=0.0)
 
-    first_pos = seq_len - q_len + q_tile * BLOCK_M  # context position of the tile's first query
+    first_pos = seq_len - q_len + q_tile * BLOCK_Q  # context position of the tile's first query
     lo = 0
     hi = seq_len
     if CAUSAL:
-        hi = tl.minimum(first_pos + BLOCK_M, seq_len)
+        hi = tl.minimum(first_pos + BLOCK_Q, seq_len)
     if SLIDING:
         lo = tl.maximum(first_pos - window + 1, 0)
 
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], _NO_MAX, dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_Q * BLOCK_G, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_Q * BLOCK_G], _NO_MAX, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_Q * BLOCK_G], dtype=tl.float32)
     acc, m_i, l_i = _attend_keys(
-        acc, m_i, l_i, q, seq_len - q_len + offs_m, lo, hi,
+        acc, m_i, l_i, q, seq_len - q_len + token, lo, hi,
         k_base, v_base, block_tables_ptr + seq * stride_table, qk_scale, window,
         stride_block, stride_slot, offs_d, d_mask,
         BLOCK_N, BLOCK_SIZE, PAGED, CAUSAL, SLIDING, PRECISION,
     )
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    out_ptrs = out_ptr + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
-    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_mask)
+    out_offsets = q_rows[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
+    tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=row_mask)
 
 
 # Tile sizes. 64 keys per step keeps several 16-byte loads in flight per thread at 4 warps; head_dim 256 halves it
 # so the K and V tiles of Triton's pipeline stages still fit in shared memory. Decode pads the query heads of a KV
-# group to 16 rows, the smallest tl.dot tile the GPU compiler accepts.
+# group to 16 rows, the smallest tl.dot tile the GPU compiler accepts; prefill tiles have 64 rows (one wgmma tile
+# on Hopper), tokens times the KV group padded to a power of two.
 _NUM_WARPS = 4
-_PREFILL_BLOCK_M = 64
+_PREFILL_ROWS = 64
 _MIN_DECODE_ROWS = 16
 _MAX_SPLITS = 64
 _MIN_SPLIT_TOKENS = 256
@@ -406,14 +411,16 @@ def _launch_prefill(
     stride_block = k.stride(0) if paged else 0
     stride_slot = k.stride(1) if paged else k.stride(0)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    grid = (num_tokens // _PREFILL_BLOCK_M + num_seqs, num_heads)
-    _prefill_kernel[grid](
+    group = num_heads // num_kv_heads
+    block_g = triton.next_power_of_2(group)
+    block_q = max(1, _PREFILL_ROWS // block_g)
+    _prefill_kernel[(num_tokens // block_q + num_seqs, num_kv_heads)](
         q, k, v, block_tables, cu_seqlens_q, seq_lens, out,
         scale * _LOG2E, _window(sliding_window), num_seqs,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         stride_block, stride_slot, k.stride(-2), block_tables.stride(0),
-        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
-        BLOCK_M=_PREFILL_BLOCK_M, BLOCK_N=_block_n(head_dim), BLOCK_SIZE=block_size, PAGED=paged, CAUSAL=causal,
+        GROUP=group, BLOCK_G=block_g, BLOCK_Q=block_q, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_N=_block_n(head_dim), BLOCK_SIZE=block_size, PAGED=paged, CAUSAL=causal,
         SLIDING=sliding_window is not None, PRECISION=_precision(q.dtype), num_warps=_NUM_WARPS,
     )
     return out

@@ -71,9 +71,10 @@ def attention_kernels(dtype: str, shapes: list[tuple[int, int, int]]) -> list[bo
             pipelined.append(compile_for_h100(attention._decode_split_kernel, dtype, {**tables, **partials}, decode))
         reduce = dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_S=64)
         compile_for_h100(attention._decode_reduce_kernel, dtype, partials, reduce)
+        block_g = triton.next_power_of_2(group)
         for paged, causal, sliding in [(True, True, True), (False, False, False)]:
-            prefill = dict(common, BLOCK_M=attention._PREFILL_BLOCK_M, BLOCK_SIZE=block_size if paged else 1,
-                           PAGED=paged, CAUSAL=causal, SLIDING=sliding)
+            prefill = dict(common, BLOCK_G=block_g, BLOCK_Q=attention._PREFILL_ROWS // block_g,
+                           BLOCK_SIZE=block_size if paged else 1, PAGED=paged, CAUSAL=causal, SLIDING=sliding)
             pipelined.append(compile_for_h100(attention._prefill_kernel, dtype, tables, prefill))
     return pipelined
 

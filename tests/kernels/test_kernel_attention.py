@@ -81,12 +81,14 @@ def test_decode_padded_sequence_is_zero_and_strided_query_is_read_correctly():
 
 
 @pytest.mark.parametrize("sliding_window", [None, 9])
-def test_prefill_reads_cached_prefix_and_chunks(sliding_window):
-    # Sequence 0: whole prompt (no prefix). 1: 70 new tokens after a 30-token cached prefix (two query tiles).
-    # 2: a 1-token chunk at the end of 21 tokens. 3: no queries this step.
+@pytest.mark.parametrize("heads", [(2, 2), (6, 2)])  # one query head per tile row, or three padded to four
+def test_prefill_reads_cached_prefix_and_chunks(sliding_window, heads):
+    # Sequence 0: whole prompt (no prefix). 1: 70 new tokens after a 30-token cached prefix (several query tiles).
+    # 2: a 1-token chunk at the end of 21 tokens (a decode in a mixed batch). 3: no queries this step.
     seq_lens, q_lens = [19, 100, 21, 8], [19, 70, 1, 0]
-    key_cache, value_cache, tables, lens = make_paged_cache(seq_lens, 2, 32, 16, torch.float16)
-    q = randn(sum(q_lens), 4, 32)
+    num_heads, num_kv_heads = heads
+    key_cache, value_cache, tables, lens = make_paged_cache(seq_lens, num_kv_heads, 32, 16, torch.float16)
+    q = randn(sum(q_lens), num_heads, 32)
     cu = cu_seqlens_of(q_lens)
     out = paged_prefill_attention_triton(q, key_cache, value_cache, tables, cu, lens, 0.2, sliding_window)
     ref = paged_prefill_attention_ref(q, key_cache, value_cache, tables, cu, lens, 0.2, sliding_window)
