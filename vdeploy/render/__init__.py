@@ -3,29 +3,36 @@ unit that runs vdeploy's own supervisor, or Kubernetes manifests (ConfigMap + De
 
 from __future__ import annotations
 
+import functools
 import json
 import shlex
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
-
-import jinja2
+from typing import TYPE_CHECKING, Any
 
 from vdeploy.backends import builtin, vllm
 from vdeploy.rollout import readiness_timeout
+
+if TYPE_CHECKING:
+    import jinja2
 
 TARGETS = ("builtin", "vllm", "systemd", "k8s")
 DEFAULT_IMAGES = {"builtin": "vdeploy:latest", "vllm": "vllm/vllm-openai:latest"}
 K8S_PLAN_DIR = "/etc/vdeploy"  # where the ConfigMap with plan.json is mounted in the pod
 
-_templates = jinja2.Environment(
-    loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
-    undefined=jinja2.StrictUndefined,
-    keep_trailing_newline=True,
-    trim_blocks=True,
-    lstrip_blocks=True,
-)
+
+@functools.cache
+def _templates() -> jinja2.Environment:
+    import jinja2  # on first render only: `vdeploy --help` and `lint` need no template engine
+
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
 
 
 class RenderError(Exception):
@@ -56,8 +63,10 @@ def render(
         if recipe_path is None:
             raise RenderError("--target systemd needs the recipe file the unit will apply")
         vdeploy = shutil.which("vdeploy") or f"{sys.executable} -m vdeploy.cli"
-        return _templates.get_template("systemd.service.j2").render(
-            plan=plan, recipe=str(Path(recipe_path).resolve()), vdeploy=vdeploy
+        return (
+            _templates()
+            .get_template("systemd.service.j2")
+            .render(plan=plan, recipe=str(Path(recipe_path).resolve()), vdeploy=vdeploy)
         )
     if target == "k8s":
         return _kubernetes(plan, image)
@@ -82,17 +91,21 @@ def _kubernetes(plan: dict[str, Any], image: str | None) -> str:
     engine = plan["engine"]
     plan_path = f"{K8S_PLAN_DIR}/plan.json"
     gpus = engine["tensor_parallel_size"] * engine["pipeline_parallel_size"] if engine["device"] == "cuda" else 0
-    return _templates.get_template("k8s.yaml.j2").render(
-        plan=plan,
-        name=plan["name"],
-        engine=engine,
-        argv=engine_argv(plan, plan_path, host="0.0.0.0"),
-        image=image or DEFAULT_IMAGES[backend],
-        plan_json=json.dumps(plan, indent=2, sort_keys=True) if backend == "builtin" else None,
-        plan_dir=K8S_PLAN_DIR,
-        gpus=gpus,
-        shared_memory=engine["tensor_parallel_size"] * engine["pipeline_parallel_size"] > 1,
-        health_path=(plan.get("health") or {}).get("path", "/health"),
-        startup_seconds=int(readiness_timeout(plan)),
-        blue_green=(plan.get("rollout") or {}).get("strategy") == "blue_green",
+    return (
+        _templates()
+        .get_template("k8s.yaml.j2")
+        .render(
+            plan=plan,
+            name=plan["name"],
+            engine=engine,
+            argv=engine_argv(plan, plan_path, host="0.0.0.0"),
+            image=image or DEFAULT_IMAGES[backend],
+            plan_json=json.dumps(plan, indent=2, sort_keys=True) if backend == "builtin" else None,
+            plan_dir=K8S_PLAN_DIR,
+            gpus=gpus,
+            shared_memory=engine["tensor_parallel_size"] * engine["pipeline_parallel_size"] > 1,
+            health_path=(plan.get("health") or {}).get("path", "/health"),
+            startup_seconds=int(readiness_timeout(plan)),
+            blue_green=(plan.get("rollout") or {}).get("strategy") == "blue_green",
+        )
     )
