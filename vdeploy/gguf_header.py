@@ -44,6 +44,7 @@ class GGUFTensor:
     type_name: str
     n_elements: int
     n_bytes: int
+    offset: int  # where the tensor's data starts in the file, in bytes
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,7 @@ def _parse(cursor: _Cursor, size: int) -> GGUFHeader:
         type_name, block_elements, block_bytes = GGML_TYPES[type_id]
         elements = math.prod(shape)
         n_bytes = elements // block_elements * block_bytes
-        tensors.append(GGUFTensor(name, shape, type_name, elements, n_bytes))
+        tensors.append(GGUFTensor(name, shape, type_name, elements, n_bytes, data_start + offset))
         data_end = max(data_end, data_start + offset + n_bytes)
     if data_end > size:
         raise GGUFError(f"the file is truncated: it has {size:,} bytes but its tensors need {data_end:,}")
