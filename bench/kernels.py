@@ -190,6 +190,36 @@ def bench_prefill(heads: tuple[int, int, int], batch: int, prompt: int, prefix: 
     )
 
 
+def bench_mixed_batch(heads: tuple[int, int, int], decodes: int, context: int, prompt: int) -> Case:
+    """A chunked-prefill step: `decodes` sequences with one new token at `context`, plus one `prompt`-token prompt,
+    all through the prefill kernel, against launching the decode kernel for the former and prefill for the latter."""
+    num_heads, kv_heads, head_dim = heads
+    key_cache, value_cache, (table,) = paged_layout(decodes + 1, max(context, prompt), kv_heads, head_dim, 16, 1)
+    seq_lens = torch.tensor([context] * decodes + [prompt], dtype=torch.int32, device="cuda")
+    cu = torch.tensor([*range(decodes + 1), decodes + prompt], dtype=torch.int32, device="cuda")
+    q = torch.randn(decodes + prompt, num_heads, head_dim, device="cuda", dtype=DTYPE)
+    scale = head_dim**-0.5
+    args = (q, key_cache, value_cache, table, cu, seq_lens, scale)
+    prompt_cu = torch.tensor([0, prompt], dtype=torch.int32, device="cuda")
+
+    def separate_launches():
+        kernels.paged_decode_attention(q[:decodes], key_cache, value_cache, table[:decodes], seq_lens[:decodes], scale)
+        kernels.paged_prefill_attention(
+            q[decodes:], key_cache, value_cache, table[decodes:], prompt_cu, seq_lens[decodes:], scale
+        )
+
+    return Case(
+        "paged_prefill_attention",
+        f"mixed: {decodes} decodes at ctx={context} + prompt {prompt} H={num_heads}/{kv_heads} D={head_dim}",
+        time_ms(lambda: kernels.paged_prefill_attention(*args), graph=True),
+        {
+            "torch_reference": time_ms(lambda: paged_prefill_attention_ref(*args), graph=False),
+            "decode_and_prefill_launches": time_ms(separate_launches, graph=True),
+        },
+        bytes_moved=2 * (decodes * context + prompt) * kv_heads * head_dim * DTYPE.itemsize,
+    )
+
+
 def bench_varlen(heads: tuple[int, int, int], batch: int, length: int, causal: bool) -> Case:
     num_heads, kv_heads, head_dim = heads
     tokens = batch * length
@@ -308,6 +338,7 @@ def all_cases(quick: bool) -> list[Callable[[], Case]]:
         lambda: bench_prefill(LLAMA_8B, 2, 512, 3584),
         lambda: bench_prefill(QWEN_05B, 8, 512, 0),
     ]
+    cases += [lambda: bench_mixed_batch(QWEN_05B, 255, 1024, 512)]
     cases += [lambda: bench_varlen(LLAMA_8B, 4, 1024, True), lambda: bench_varlen((12, 12, 32), 64, 128, False)]
     cases.append(elementwise_cases)
     return cases
