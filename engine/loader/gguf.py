@@ -1,5 +1,9 @@
 """GGUF files: a transformers config from the metadata, and the weights dequantized to float32 under HF tensor names.
 
+The header (metadata, tensor table) comes from vdeploy's standard-library reader, which skips the vocabulary instead
+of parsing it (gguf.GGUFReader takes seconds on it); each tensor's bytes are then memory-mapped and dequantized with
+the `gguf` package, one tensor at a time.
+
 llama.cpp's converter stores a llama model's attn_q/attn_k rows permuted for its own rope layout; the permutation
 is undone here so the weights match HF's (NeoX-style) rotary. Other architectures (qwen2) are stored unpermuted.
 """
@@ -12,9 +16,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from engine.loader.errors import ModelLoadError
+from vdeploy.gguf_header import GGUFError, GGUFHeader, read_gguf_header
 
 # GGUF `general.architecture` -> (HF architecture, transformers config class name, q/k rows permuted by llama.cpp).
 _ARCHITECTURES = {
@@ -36,39 +42,34 @@ _BLOCK_TENSORS = {
 _BLOCK_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
-@functools.lru_cache(maxsize=2)
-def _reader(path: str, mtime_ns: int) -> Any:
-    import gguf
-
+@functools.lru_cache(maxsize=4)
+def _header(path: str, mtime_ns: int) -> GGUFHeader:
     try:
-        return gguf.GGUFReader(path)
-    except Exception as exc:  # the reader fails with ValueError, struct.error, IndexError... on a damaged file
-        raise ModelLoadError(f"{path}: not a readable GGUF file (truncated or corrupt?): {exc}") from None
+        return read_gguf_header(path)
+    except GGUFError as exc:
+        raise ModelLoadError(f"{path}: not a readable GGUF file: {exc}") from None
 
 
-def open_gguf(path: Path) -> Any:
-    """A GGUFReader for `path`, parsed once (config and weights both need it; parsing takes seconds)."""
-    return _reader(str(path), path.stat().st_mtime_ns)
+def gguf_header(path: Path) -> GGUFHeader:
+    """The file's metadata and tensor table, read once (the config and the weights both need it)."""
+    return _header(str(path), path.stat().st_mtime_ns)
 
 
-def _metadata(reader: Any, path: Path) -> dict[str, Any]:
-    try:
-        return {name: field.contents() for name, field in reader.fields.items() if not name.startswith("tokenizer.")}
-    except Exception as exc:
-        raise ModelLoadError(f"{path}: unreadable GGUF metadata: {exc}") from None
+def _architecture(header: GGUFHeader, path: Path) -> str:
+    arch = header.metadata.get("general.architecture")
+    if arch not in _ARCHITECTURES:
+        raise ModelLoadError(
+            f"{path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(sorted(_ARCHITECTURES))})"
+        )
+    return arch
 
 
 def gguf_hf_config(path: Path) -> Any:
     """A transformers config equivalent to the GGUF metadata."""
     import transformers
 
-    reader = open_gguf(path)
-    meta = _metadata(reader, path)
-    arch = meta.get("general.architecture")
-    if arch not in _ARCHITECTURES:
-        raise ModelLoadError(
-            f"{path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(sorted(_ARCHITECTURES))})"
-        )
+    header = gguf_header(path)
+    meta, arch = header.metadata, _architecture(header, path)
     hf_arch, config_class, _ = _ARCHITECTURES[arch]
 
     def get(key: str, default: Any = None) -> Any:
@@ -77,9 +78,7 @@ def gguf_hf_config(path: Path) -> Any:
             raise ModelLoadError(f"{path}: GGUF metadata lacks '{arch}.{key}'")
         return value
 
-    heads = get("attention.head_count")
-    hidden = get("embedding_length")
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    heads, hidden = get("attention.head_count"), get("embedding_length")
     rope = {"rope_type": "default", "rope_theta": float(get("rope.freq_base", 10000.0))}
     scaling = meta.get(f"{arch}.rope.scaling.type", "none")
     if scaling not in ("none", ""):
@@ -87,13 +86,13 @@ def gguf_hf_config(path: Path) -> Any:
         if f"{arch}.rope.scaling.original_context_length" in meta:
             rope["original_max_position_embeddings"] = int(meta[f"{arch}.rope.scaling.original_context_length"])
     token_ids = {
-        f"{role}_token_id": reader.fields[f"tokenizer.ggml.{role}_token_id"].contents()
+        f"{role}_token_id": meta[f"tokenizer.ggml.{role}_token_id"]
         for role in ("bos", "eos", "pad")
-        if f"tokenizer.ggml.{role}_token_id" in reader.fields
+        if f"tokenizer.ggml.{role}_token_id" in meta
     }
     return getattr(transformers, config_class)(
         architectures=[hf_arch],
-        vocab_size=len(tokens.data) if tokens is not None else get("vocab_size"),
+        vocab_size=meta.get("tokenizer.ggml.tokens") or get("vocab_size"),  # the reader gives an array's length
         hidden_size=hidden,
         intermediate_size=get("feed_forward_length"),
         num_hidden_layers=get("block_count"),
@@ -103,7 +102,7 @@ def gguf_hf_config(path: Path) -> Any:
         max_position_embeddings=get("context_length"),
         rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
         rope_parameters=rope,
-        tie_word_embeddings=not any(t.name == "output.weight" for t in reader.tensors),
+        tie_word_embeddings=not any(t.name == "output.weight" for t in header.tensors),
         **token_ids,
     )
 
@@ -128,25 +127,35 @@ def _unpermute_rope_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
 
 def iter_gguf(path: Path, hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, float32 tensor) pairs, dequantizing one tensor at a time."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
     from gguf.quants import dequantize
 
-    reader = open_gguf(path)
-    arch = _metadata(reader, path)["general.architecture"]
+    header = gguf_header(path)
+    arch = _architecture(header, path)
     permuted = _ARCHITECTURES[arch][2]
     rope_heads = {"q_proj": hf_config.num_attention_heads, "k_proj": hf_config.num_key_value_heads}
-    for tensor in reader.tensors:
-        name = hf_tensor_name(tensor.name)
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    for tensor in header.tensors:
         if tensor.name == "rope_freqs.weight":
             raise ModelLoadError(
                 f"{path}: per-frequency rope factors (rope_freqs.weight, llama 3.1-style rope scaling) are not "
                 "supported in GGUF files yet; use the HF safetensors checkpoint"
             )
+        name = hf_tensor_name(tensor.name)
         if name is None:
             raise ModelLoadError(f"{path}: tensor {tensor.name!r} has no place in a {arch} model")
+        # Rows of packed blocks: numpy's shape is ggml's reversed, with the innermost dimension in bytes.
+        kind = GGMLQuantizationType[tensor.type_name]
+        block_elements, block_bytes = GGML_QUANT_SIZES[kind]
+        row_bytes = tensor.shape[0] // block_elements * block_bytes
+        raw = data[tensor.offset : tensor.offset + tensor.n_bytes].reshape(*reversed(tensor.shape[1:]), row_bytes)
         try:
-            weight = torch.from_numpy(dequantize(tensor.data, tensor.tensor_type).copy())
-        except Exception as exc:
-            raise ModelLoadError(f"{path}: tensor {tensor.name!r} cannot be dequantized: {exc}") from None
+            values = dequantize(raw, kind)
+        except Exception as exc:  # a type the gguf package cannot dequantize
+            raise ModelLoadError(
+                f"{path}: tensor {tensor.name!r} ({tensor.type_name}) cannot be dequantized: {exc}"
+            ) from None
+        weight = torch.from_numpy(values if values.flags.writeable else values.copy())  # F32 is a view of the map
         projection = name.split(".")[-2]
         if permuted and projection in rope_heads:
             weight = _unpermute_rope_rows(weight, rope_heads[projection])
