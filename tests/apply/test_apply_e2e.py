@@ -254,3 +254,25 @@ def test_delete_leaves_no_process(world: World) -> None:
     assert world.processes() == []
     assert not (world.root / "state" / NAME).exists()
     assert world.vdeploy("status", NAME).returncode == 1
+
+
+def test_foreground_supervisor_stops_cleanly_on_sigterm(world: World) -> None:
+    # As systemd or a container runtime runs it: `apply --foreground` is the supervisor; SIGTERM stops everything.
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vdeploy.cli", "apply", str(world.recipe()), "--foreground"],
+        env=world.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        status_file = world.root / "state" / NAME / "status.json"
+        wait_until(lambda: status_file.exists() and world.status()["ready"] == 1, 300, "the foreground replica")
+        with httpx.Client() as client:
+            assert world.complete(client).status_code == 200
+        assert status_pid(world) == process.pid
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    finally:
+        process.kill()
+    assert world.processes() == []
