@@ -61,7 +61,7 @@ def _iter_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 def _iter_torch_bin(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several unrelated types for a bad archive
         raise ModelLoadError(f"{file}: not a readable PyTorch checkpoint: {type(exc).__name__}: {exc}") from None
     yield from state.items()

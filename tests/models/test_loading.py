@@ -39,6 +39,24 @@ def test_sharded_safetensors_with_index_load_the_same_model(tiny_llama_dir, tmp_
         torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
+def test_pytorch_bin_checkpoint_loads_the_same_model(tiny_llama_dir, tmp_path):
+    """Old repositories ship only pytorch_model.bin."""
+    old = Path(shutil.copytree(tiny_llama_dir, tmp_path / "bin"))
+    torch.save(load_file(old / "model.safetensors"), old / "pytorch_model.bin")
+    (old / "model.safetensors").unlink()
+    for got, want in zip(_logits(old), _logits(tiny_llama_dir), strict=True):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_opt_checkpoint_with_facebook_names_loads(tiny_opt_dir, tmp_path):
+    """facebook/opt-* checkpoints name tensors `decoder.*`, without the `model.` prefix."""
+    renamed = Path(shutil.copytree(tiny_opt_dir, tmp_path / "opt"))
+    tensors = load_file(renamed / "model.safetensors")
+    save_file({k.removeprefix("model."): v for k, v in tensors.items()}, renamed / "model.safetensors")
+    for got, want in zip(_logits(renamed), _logits(tiny_opt_dir), strict=True):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
 def test_index_naming_a_missing_shard_is_reported(tiny_llama_dir, tmp_path):
     sharded = tmp_path / "sharded"
     transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir).save_pretrained(sharded, max_shard_size="100KB")
