@@ -5,6 +5,7 @@ tensor-parallel rank will later slice its part."""
 
 from __future__ import annotations
 
+from itertools import accumulate
 from typing import Protocol
 
 import torch
@@ -50,6 +51,10 @@ class Linear(nn.Module):
         self.shards = shards or {}
         if self.shards and sum(self.shards.values()) != out_features:
             raise ValueError(f"shard sizes {self.shards} do not add up to {out_features}")
+        starts = accumulate(self.shards.values(), initial=0)
+        self._shard_rows = {
+            name: (start, size) for (name, size), start in zip(self.shards.items(), starts, strict=False)
+        }
         self.quant_method = quant_method or UnquantizedMethod()
         self.quant_method.create_weights(self, in_features, out_features, bias)
         for param in self.parameters(recurse=False):
@@ -59,12 +64,7 @@ class Linear(nn.Module):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard: str | None = None) -> None:
         target = param.data
         if shard is not None:
-            offset = 0
-            for name, size in self.shards.items():
-                if name == shard:
-                    break
-                offset += size
-            target = target.narrow(0, offset, self.shards[shard])
+            target = target.narrow(0, *self._shard_rows[shard])
         if target.shape != loaded.shape:
             raise WeightShapeError(f"expected shape {tuple(target.shape)}, got {tuple(loaded.shape)}")
         target.copy_(loaded)
