@@ -288,10 +288,20 @@ def _prefill_kernel(
     acc = tl.zeros([BLOCK_Q * BLOCK_G, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_Q * BLOCK_G], _NO_MAX, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_Q * BLOCK_G], dtype=tl.float32)
+    q_pos = seq_len - q_len + token
+    table = block_tables_ptr + seq * stride_table
+    if CAUSAL and not SLIDING:
+        # Whole key tiles at or before the tile's first query are visible to every row: no mask to compute.
+        diagonal = (first_pos + 1) // BLOCK_N * BLOCK_N
+        acc, m_i, l_i = _attend_keys(
+            acc, m_i, l_i, q, q_pos, 0, diagonal,
+            k_base, v_base, table, qk_scale, window, stride_block, stride_slot, offs_d, d_mask,
+            BLOCK_N, BLOCK_SIZE, PAGED, False, False, PRECISION,
+        )
+        lo = diagonal
     acc, m_i, l_i = _attend_keys(
-        acc, m_i, l_i, q, seq_len - q_len + token, lo, hi,
-        k_base, v_base, block_tables_ptr + seq * stride_table, qk_scale, window,
-        stride_block, stride_slot, offs_d, d_mask,
+        acc, m_i, l_i, q, q_pos, lo, hi,
+        k_base, v_base, table, qk_scale, window, stride_block, stride_slot, offs_d, d_mask,
         BLOCK_N, BLOCK_SIZE, PAGED, CAUSAL, SLIDING, PRECISION,
     )
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -299,15 +309,20 @@ def _prefill_kernel(
     tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=row_mask)
 
 
-# Tile sizes. 64 keys per step keeps several 16-byte loads in flight per thread at 4 warps; head_dim 256 halves it
-# so the K and V tiles of Triton's pipeline stages still fit in shared memory. Decode pads the query heads of a KV
-# group to 16 rows, the smallest tl.dot tile the GPU compiler accepts; prefill tiles have 64 rows (one wgmma tile
-# on Hopper), tokens times the KV group padded to a power of two.
-_NUM_WARPS = 4
-_PREFILL_ROWS = 64
+# Tile sizes. 64 keys per step keeps several 16-byte loads in flight per thread; head_dim 256 halves it so the K
+# and V tiles of Triton's pipeline stages still fit in shared memory. Decode pads the query heads of a KV group to 16
+# rows, the smallest tl.dot tile the GPU compiler accepts. A prefill tile has 128 rows over 8 warps (two Hopper
+# warpgroups of 64-row wgmma, the usual flash-attention shape there), 64 over 4 at head_dim 256 to bound registers;
+# its rows are tokens times the KV group padded to a power of two.
+_DECODE_WARPS = 4
 _MIN_DECODE_ROWS = 16
-_MAX_SPLITS = 64
-_MIN_SPLIT_TOKENS = 256
+_MIN_SPLIT_TOKENS = 64  # one key tile: a split shorter than that only adds partials to combine
+_REDUCE_ELEMENTS = 8192  # splits x head_dim a reduce program holds: 64 fp32 registers per thread at 4 warps
+
+
+def _prefill_tile(head_dim: int) -> tuple[int, int]:
+    """(rows per prefill tile, warps)."""
+    return (128, 8) if triton.next_power_of_2(head_dim) <= 128 else (64, 4)
 
 
 def _block_n(head_dim: int) -> int:
@@ -319,12 +334,14 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-def _decode_splits(batch: int, num_kv_heads: int, context_capacity: int, device: torch.device) -> int:
+def _decode_splits(batch: int, num_kv_heads: int, head_dim: int, context_capacity: int, device: torch.device) -> int:
     """Enough splits of the context for about two programs per multiprocessor (batch 1 at long context would
-    otherwise leave most of the GPU idle), none shorter than _MIN_SPLIT_TOKENS of the block table's capacity.
+    otherwise leave most of the GPU idle, and short splits keep each program's chain of dependent loads short),
+    none shorter than _MIN_SPLIT_TOKENS of the block table's capacity, no more than one reduce program holds.
     Shapes only, no look at seq_lens: the choice is fixed for a CUDA graph."""
     wanted = triton.cdiv(2 * _multiprocessors(device), batch * num_kv_heads)
-    return max(1, min(wanted, triton.cdiv(context_capacity, _MIN_SPLIT_TOKENS), _MAX_SPLITS))
+    most = _REDUCE_ELEMENTS // triton.next_power_of_2(head_dim)
+    return max(1, min(wanted, triton.cdiv(context_capacity, _MIN_SPLIT_TOKENS), most))
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -365,7 +382,7 @@ def paged_decode_attention_triton(
     group = num_heads // num_kv_heads
     block_n = _block_n(head_dim)
     if num_splits is None:
-        num_splits = _decode_splits(batch, num_kv_heads, block_tables.shape[1] * block_size, q.device)
+        num_splits = _decode_splits(batch, num_kv_heads, head_dim, block_tables.shape[1] * block_size, q.device)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     part_shape = (batch, num_heads, num_splits)
     part_out = torch.empty((*part_shape, head_dim), dtype=torch.float32, device=q.device) if num_splits > 1 else out
@@ -379,13 +396,13 @@ def paged_decode_attention_triton(
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), block_tables.stride(0),
         GROUP=group, BLOCK_G=max(_MIN_DECODE_ROWS, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=block_n, PARTIAL=num_splits > 1,
-        SLIDING=sliding_window is not None, PRECISION=_precision(q.dtype), num_warps=_NUM_WARPS,
+        SLIDING=sliding_window is not None, PRECISION=_precision(q.dtype), num_warps=_DECODE_WARPS,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_heads)](
             part_out, part_max, part_sum, out, num_splits, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits),
-            num_warps=_NUM_WARPS,
+            num_warps=_DECODE_WARPS,
         )
     return out
 
@@ -413,7 +430,8 @@ def _launch_prefill(
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     group = num_heads // num_kv_heads
     block_g = triton.next_power_of_2(group)
-    block_q = max(1, _PREFILL_ROWS // block_g)
+    rows, num_warps = _prefill_tile(head_dim)
+    block_q = max(1, rows // block_g)
     _prefill_kernel[(num_tokens // block_q + num_seqs, num_kv_heads)](
         q, k, v, block_tables, cu_seqlens_q, seq_lens, out,
         scale * _LOG2E, _window(sliding_window), num_seqs,
@@ -421,7 +439,7 @@ def _launch_prefill(
         stride_block, stride_slot, k.stride(-2), block_tables.stride(0),
         GROUP=group, BLOCK_G=block_g, BLOCK_Q=block_q, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_N=_block_n(head_dim), BLOCK_SIZE=block_size, PAGED=paged, CAUSAL=causal,
-        SLIDING=sliding_window is not None, PRECISION=_precision(q.dtype), num_warps=_NUM_WARPS,
+        SLIDING=sliding_window is not None, PRECISION=_precision(q.dtype), num_warps=num_warps,
     )
     return out
 

@@ -1,5 +1,6 @@
 """Compiles every Triton kernel for an H100 (sm_90) on a machine without a GPU, as the GPU launch would, and prints
-each kernel's shared memory and whether its loads were software-pipelined. Run with TRITON_INTERPRET unset (the
+each kernel's shared memory, registers and local memory (spills; from the cuobjdump that ships with Triton) and whether its loads were
+software-pipelined. Run with TRITON_INTERPRET unset (the
 interpreter accepts programs the GPU compiler rejects, e.g. tl.dot with fewer than 16 rows).
 
     env -u TRITON_INTERPRET python3 tests/kernels/sm90_compile.py [--all]
@@ -8,7 +9,10 @@ Without --all: bf16 only (and one float32 shape), and the smallest and largest h
 """
 
 import os
+import re
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import triton
@@ -25,6 +29,7 @@ from kernels.rotary import _rotary_kernel  # noqa: E402
 
 H100 = GPUTarget("cuda", 90, 32)
 H100_SHARED_MEMORY = 227 * 1024
+CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 FLOAT_ARGS = {"qk_scale", "eps"}
 
 
@@ -50,9 +55,21 @@ def compile_for_h100(kernel, dtype: str, pointer_dtypes: dict[str, str], constex
     compiled = triton.compile(source, target=H100, options={"num_warps": num_warps})
     shared = compiled.metadata.shared
     pipelined = "async_copy_global_to_local" in compiled.asm["ttgir"]
-    print(f"{kernel.__name__:24} {dtype:5} shared {shared:7} B  pipelined={pipelined}  {constexprs}")
+    registers, local = register_use(compiled.asm["cubin"])
+    print(f"{kernel.__name__:22} {dtype:4} shared {shared:6} B  regs {registers:3}  local {local:4} B  "
+          f"pipelined={pipelined!s:5}  {constexprs}")
     assert shared <= H100_SHARED_MEMORY, f"{kernel.__name__} needs {shared} B of shared memory"
+    assert local == 0, f"{kernel.__name__} spills {local} B per thread to local memory"
     return pipelined
+
+
+def register_use(cubin: bytes) -> tuple[int, int]:
+    """(registers per thread, bytes of local memory per thread: spills or a stack array) from cuobjdump."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        report = subprocess.run([str(CUOBJDUMP), "-res-usage", str(path)], capture_output=True, text=True, check=True)
+    return int(re.search(r"REG:(\d+)", report.stdout).group(1)), int(re.search(r"LOCAL:(\d+)", report.stdout).group(1))
 
 
 # (query heads per KV head, head_dim, block_size): Qwen2.5-0.5B, SmolLM2, Llama-3-8B, a head_dim-256 model.
@@ -69,13 +86,14 @@ def attention_kernels(dtype: str, shapes: list[tuple[int, int, int]]) -> list[bo
         for partial in (False, True):
             decode = dict(common, BLOCK_G=16, BLOCK_SIZE=block_size, PARTIAL=partial, SLIDING=partial)
             pipelined.append(compile_for_h100(attention._decode_split_kernel, dtype, {**tables, **partials}, decode))
-        reduce = dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_S=64)
+        reduce = dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_S=attention._REDUCE_ELEMENTS // head_dim)
         compile_for_h100(attention._decode_reduce_kernel, dtype, partials, reduce)
         block_g = triton.next_power_of_2(group)
-        for paged, causal, sliding in [(True, True, True), (False, False, False)]:
-            prefill = dict(common, BLOCK_G=block_g, BLOCK_Q=attention._PREFILL_ROWS // block_g,
-                           BLOCK_SIZE=block_size if paged else 1, PAGED=paged, CAUSAL=causal, SLIDING=sliding)
-            pipelined.append(compile_for_h100(attention._prefill_kernel, dtype, tables, prefill))
+        rows, warps = attention._prefill_tile(head_dim)
+        for paged, causal, sliding in [(True, True, False), (True, True, True), (False, False, False)]:
+            prefill = dict(common, BLOCK_G=block_g, BLOCK_Q=rows // block_g, BLOCK_SIZE=block_size if paged else 1,
+                           PAGED=paged, CAUSAL=causal, SLIDING=sliding)
+            pipelined.append(compile_for_h100(attention._prefill_kernel, dtype, tables, prefill, warps))
     return pipelined
 
 

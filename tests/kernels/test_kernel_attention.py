@@ -198,3 +198,6 @@ def test_gpu_float32_attention_is_not_rounded_to_tf32():
     out = kernels.paged_prefill_attention(q, key_cache, value_cache, tables, cu, lens, 0.125)
     ref = paged_prefill_attention_ref(q, key_cache, value_cache, tables, cu, lens, 0.125)
     torch.testing.assert_close(out, ref, **exact)
+    k, v = randn(40, 2, 64, dtype=torch.float32, seed=2), randn(40, 2, 64, dtype=torch.float32, seed=3)
+    out = kernels.varlen_attention(q, k, v, cu, 0.125)
+    torch.testing.assert_close(out, varlen_attention_ref(q, k, v, cu, 0.125), **exact)
