@@ -51,7 +51,7 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]], output_lens: li
         dtype=args.dtype,
         device=args.device,
         max_model_len=max(len(p) + n for p, n in zip(prompts, output_lens, strict=True)) + 1,
-        max_num_seqs=max(args.num_prompts, 16),
+        max_num_seqs=args.hf_batch_size,  # the same concurrency as transformers' batches
         seed=args.seed,
     )
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in output_lens]
@@ -74,26 +74,36 @@ def run_transformers(args: argparse.Namespace, prompts: list[list[int]], output_
     else:
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
     model = model.to(args.device).eval()
-    generate = dict(do_sample=False, max_new_tokens=args.output_len, min_new_tokens=args.output_len, pad_token_id=0)
-    with torch.inference_mode():
-        model.generate(
-            torch.tensor(prompts[:2], device=args.device), **{**generate, "max_new_tokens": 2, "min_new_tokens": 2}
+
+    def generate(batch: list[list[int]], new_tokens: int) -> None:
+        width = max(len(p) for p in batch)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in batch], device=args.device)  # left padding
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=args.device)
+        out = model.generate(
+            ids,
+            attention_mask=mask,
+            do_sample=False,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            pad_token_id=0,
         )
+        assert out.shape[1] == width + new_tokens
+
+    with torch.inference_mode():
+        generate(prompts[:2], 2)  # warm-up
         start = time.perf_counter()
-        for i in range(0, len(prompts), args.hf_batch_size):  # same-length prompts: no padding
-            batch = torch.tensor(prompts[i : i + args.hf_batch_size], device=args.device)
-            out = model.generate(batch, attention_mask=torch.ones_like(batch), **generate)
-            assert out.shape[1] == args.input_len + args.output_len
-        elapsed = time.perf_counter() - start
-    return summary(elapsed, len(prompts), args)
+        for i in range(0, len(prompts), args.hf_batch_size):
+            generate(prompts[i : i + args.hf_batch_size], max(output_lens[i : i + args.hf_batch_size]))
+        return time.perf_counter() - start
 
 
-def summary(elapsed: float, num: int, args: argparse.Namespace) -> dict:
+def summary(elapsed: float, prompts: list[list[int]], output_lens: list[int]) -> dict:
+    output_tokens = sum(output_lens)
     return {
         "elapsed_s": round(elapsed, 3),
-        "requests_per_s": num / elapsed,
-        "output_tokens_per_s": num * args.output_len / elapsed,
-        "total_tokens_per_s": num * (args.input_len + args.output_len) / elapsed,
+        "requests_per_s": len(prompts) / elapsed,
+        "output_tokens_per_s": output_tokens / elapsed,
+        "total_tokens_per_s": (output_tokens + sum(map(len, prompts))) / elapsed,
     }
 
 

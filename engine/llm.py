@@ -4,13 +4,14 @@
     outputs = llm.generate(["Hello, my name is"], SamplingParams(temperature=0.8, max_tokens=32))
     outputs[0].outputs[0].text
 
-Arguments go through the control plane's `plan_from_args` (when present), so they get the same checks as `vdeploy
-lint`. `stream()` yields cumulative outputs step by step.
+Arguments go through the control plane's `plan_from_args`, so they get the same checks as `vdeploy lint`. `stream()`
+yields cumulative outputs step by step.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -22,7 +23,7 @@ from engine.sampling_params import SamplingParams
 PromptInput = str | list[int] | dict[str, Any]  # text, token ids, or {"prompt": ...} / {"prompt_token_ids": ...}
 Conversation = list[dict[str, Any]]
 
-_CPU_KV_CACHE_CAP = 1 << 30  # default CPU KV cache: room for every sequence at max_model_len, up to 1 GiB
+logger = logging.getLogger(__name__)
 
 
 class LLM:
@@ -132,38 +133,16 @@ class LLM:
 
 
 def engine_config_from_args(model: str, **kwargs: Any) -> EngineConfig:
-    """LLM(...) keyword arguments -> EngineConfig. Uses the control plane's compiler when it is installed, so bad
-    values get the same diagnostics as `vdeploy lint`; otherwise fills `auto` values here."""
-    try:
-        from vdeploy.compiler import plan_from_args
-    except ImportError:
-        plan_from_args = None
-    if plan_from_args is not None:
-        return plan_from_args(model, **kwargs).engine
+    """LLM(...) keyword arguments -> EngineConfig, through the compiler: bad values raise its PlanError with the same
+    diagnostics as `vdeploy lint`, and what is left open (dtype, max_model_len, the CPU KV cache size...) is decided
+    there. Warnings are logged."""
+    from vdeploy.compiler import plan_from_args
 
-    import torch
-
-    known = EngineConfig.__dataclass_fields__
-    unknown = sorted(set(kwargs) - set(known))
-    if unknown:
-        raise TypeError(f"LLM() got an unexpected keyword argument {unknown[0]!r}")
-    args = {k: v for k, v in kwargs.items() if v is not None and v != "auto"}
-    args.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
-    args.setdefault("dtype", "bfloat16" if args["device"] == "cuda" else "float32")
-    config = EngineConfig(model=model, **args)
-    if config.kv_cache_memory_bytes is None and config.device == "cpu":
-        config.kv_cache_memory_bytes = default_cpu_kv_cache_bytes(config)
-    return config
-
-
-def default_cpu_kv_cache_bytes(config: EngineConfig) -> int:
-    """Room for max_num_seqs sequences at max_model_len, capped at 1 GiB but never below one full sequence."""
-    from engine.loader import load_hf_config
-    from engine.worker.model_runner import kv_cache_bytes_per_token
-
-    per_token = kv_cache_bytes_per_token(load_hf_config(config), config)
-    per_seq = per_token * -(-config.max_model_len // config.block_size) * config.block_size
-    return max(per_seq, min(per_seq * config.max_num_seqs, _CPU_KV_CACHE_CAP))
+    plan = plan_from_args(model, **kwargs)
+    for diagnostic in plan.diagnostics:
+        if diagnostic.severity == "warning":
+            logger.warning("%s: %s", diagnostic.code, diagnostic.message)
+    return plan.engine
 
 
 def _progress_bar(total: int) -> Any:

@@ -129,7 +129,9 @@ class LLMEngine:
         logits = self.runner.execute(step, sampling)
         self.scheduler.update(step)
         sample_seqs, rows = self._fork_new_completions(sampling)
-        out = self.runner.sample(logits[rows], sample_seqs, [self._early_stop_ids(s) for s in sample_seqs])
+        if len(rows) != len(sampling):  # forked children read their parent's row
+            logits = logits[rows]
+        out = self.runner.sample(logits, sample_seqs, [self._early_stop_ids(s) for s in sample_seqs])
         now = time.time()
         progressed: dict[str, Request] = {}
         for seq, token, logprobs in zip(sample_seqs, out.token_ids, out.logprobs, strict=True):

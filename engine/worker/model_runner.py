@@ -9,7 +9,6 @@ Host work per step is a few list concatenations and one tensor build per input.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import torch
 
@@ -22,16 +21,6 @@ from engine.worker.sampler import Sampler, SamplerOutput
 logger = logging.getLogger(__name__)
 
 _GiB = 1 << 30
-
-
-def kv_cache_bytes_per_token(hf_config: Any, config: EngineConfig) -> int:
-    """Bytes of K and V one token takes across all layers of this rank (before the model is built)."""
-    text = getattr(hf_config, "text_config", None) or hf_config
-    heads = text.num_attention_heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    kv_heads = max(kv_heads // config.tensor_parallel_size, 1)
-    return 2 * text.num_hidden_layers * kv_heads * head_dim * _kv_dtype(config).itemsize
 
 
 def _kv_dtype(config: EngineConfig) -> torch.dtype:
@@ -81,6 +70,7 @@ class ModelRunner:
         if self.device.type != "cuda":
             raise ValueError("kv_cache_memory_bytes: required on CPU (LLM(...) and the compiler set it)")
         peak = self.profile_run()
+        torch.cuda.empty_cache()  # so that mem_get_info counts weights and context, not the profile's freed blocks
         free, total = torch.cuda.mem_get_info()
         budget = (
             int(total * self.config.gpu_memory_utilization) - (total - free) - (peak - torch.cuda.memory_allocated())

@@ -264,3 +264,16 @@ def test_profile_run_runs_the_largest_step_without_touching_the_cache(make_llm):
     )
     assert not any(k.any() for k, _ in caches)  # nothing was written
     assert len(llm.generate(["Hello"], SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids) == 2
+
+
+def test_streamed_text_never_shows_a_stop_string(make_llm):
+    llm = make_llm()
+    prompt = "Hello, my name is"
+    full = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
+    text = full[0].outputs[0].text
+    stop = text[8:11]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, stop=stop)
+    streamed = [o.outputs[0].text for o in llm.stream([prompt], params)]
+    final = text[: text.index(stop)]
+    assert streamed[-1] == final
+    assert all(final.startswith(t) for t in streamed)  # held back while it could be the start of the stop string
