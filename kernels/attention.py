@@ -423,7 +423,7 @@ def _launch_prefill(
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[-2]
     num_seqs = cu_seqlens_q.shape[0] - 1
-    # Paged k/v are [num_blocks, block_size, Hkv, D]; flat ones [T, Hkv, D], read as one block of T slots.
+    # Paged k/v are [num_blocks, block_size, Hkv, D]; flat ones [T, Hkv, D] are addressed by row (no block table).
     block_size = k.shape[1] if paged else 1
     stride_block = k.stride(0) if paged else 0
     stride_slot = k.stride(1) if paged else k.stride(0)
