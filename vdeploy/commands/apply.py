@@ -171,5 +171,6 @@ def _report(results: list[dict[str, Any]], fmt: str) -> None:
         if r["action"] in FAILED and r.get("serving_revision") is not None:
             line += f"; revision {r['serving_revision']} keeps serving"
         print(line, file=sys.stderr if r["action"] in FAILED else sys.stdout)
-        for change in r.get("changes", []):  # empty when unchanged
-            print(f"  ~ {change}")
+        if r["action"] not in FAILED:
+            for change in r.get("changes", []):  # empty when unchanged
+                print(f"  ~ {change}")
