@@ -125,7 +125,8 @@ async def roll_out(supervisor: Supervisor, revision: int) -> str:
         strategy = "recreate"
         await supervisor.retire(old)
         new = supervisor.create_replicas(revision, plan)
-        assert new is not None, "the GPUs freed by the old revision must fit the new one"
+        if new is None:
+            raise RolloutFailed(f"revision {revision} needs more GPUs than the host's {plan.get('gpu_count', 0)}")
     supervisor.set_rollout(revision, phase="progressing", strategy=strategy)
     try:
         await wait_ready(supervisor, new, timeout)

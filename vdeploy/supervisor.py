@@ -107,6 +107,20 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
         pass
 
 
+def assign_gpus(plan: dict[str, Any], in_use: set[int]) -> list[list[int] | None] | None:
+    """GPUs for each of `plan`'s replicas (tensor x pipeline parallel size each, lowest free first), all None on the
+    CPU, or None when the host's free GPUs are too few."""
+    engine = plan["engine"]
+    count = int(plan.get("replicas", 1))
+    if engine.get("device") != "cuda":
+        return [None] * count
+    per_replica = engine["tensor_parallel_size"] * engine["pipeline_parallel_size"]
+    free = [g for g in range(int(plan.get("gpu_count", 0))) if g not in in_use]
+    if len(free) < count * per_replica:
+        return None
+    return [free[i * per_replica : (i + 1) * per_replica] for i in range(count)]
+
+
 @dataclass(eq=False)
 class Replica:
     """One engine server process of one revision; restarted in place (same port and GPUs) when it crashes."""
@@ -221,17 +235,13 @@ class Supervisor:
     # Replicas.
     def create_replicas(self, revision: int, plan: dict[str, Any]) -> list[Replica] | None:
         """Start `plan`'s replicas for `revision`; None when not enough GPUs are free for them."""
-        engine = plan["engine"]
-        count = int(plan.get("replicas", 1))
-        per_replica = engine["tensor_parallel_size"] * engine["pipeline_parallel_size"]
-        on_gpu = engine.get("device") == "cuda"
-        free = [g for g in range(int(plan.get("gpu_count", 0))) if g not in self._gpus_in_use()]
-        if on_gpu and len(free) < count * per_replica:
+        in_use = {g for r in self.replicas for g in (r.gpus or [])}
+        assignment = assign_gpus(plan, in_use)
+        if assignment is None:
             return None
         plan_path = str(self.deployment.plan_path(revision))
         created = []
-        for index in range(count):
-            gpus = free[index * per_replica : (index + 1) * per_replica] if on_gpu else None
+        for index, gpus in enumerate(assignment):
             port = free_port()
             try:
                 argv = replica_command(plan, plan_path, port)
@@ -260,9 +270,6 @@ class Supervisor:
             created.append(replica)
         self.write_status()
         return created
-
-    def _gpus_in_use(self) -> set[int]:
-        return {g for r in self.replicas for g in (r.gpus or [])}
 
     async def retire(self, replicas: list[Replica]) -> None:
         """Take `replicas` out of the router, let their requests finish, stop them, forget them."""

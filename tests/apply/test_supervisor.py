@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from vdeploy.state import Deployment
-from vdeploy.supervisor import Replica, Supervisor, free_port
+from vdeploy.supervisor import Replica, Supervisor, assign_gpus, free_port
 
 
 def test_crashing_replica_backs_off_exponentially_and_is_reported_as_a_crash_loop(state_dir: Path) -> None:
@@ -32,3 +32,14 @@ def test_crashing_replica_backs_off_exponentially_and_is_reported_as_a_crash_loo
     status = Deployment("demo").status()["replicas"][0]
     assert status["crash_loop"] and status["restarts"] == 4 and status["last_error"] == "RuntimeError: boom"
     replica.process.wait()
+
+
+def test_gpus_are_assigned_per_replica_and_a_full_host_says_so() -> None:
+    from tests.apply.conftest import make_plan
+
+    plan = make_plan(replicas=2, gpu_count=4, device="cuda", dtype="float16", tensor_parallel_size=2)
+    assert assign_gpus(plan, in_use=set()) == [[0, 1], [2, 3]]
+    assert assign_gpus(plan, in_use={1}) is None  # a surge needs 4 free GPUs: the rollout recreates instead
+    single = make_plan(gpu_count=4, device="cuda", dtype="float16")
+    assert assign_gpus(single, in_use={0, 2}) == [[1]]
+    assert assign_gpus(make_plan(replicas=3), in_use=set()) == [None, None, None]  # CPU replicas get no GPUs
