@@ -82,14 +82,15 @@ def run(args: argparse.Namespace) -> int:
     if not rows:
         print("no deployments")
         return 0
-    print(f"{'NAME':20} {'REVISION':>8} {'READY':>6} {'RESTARTS':>8} {'MEMORY':>9}  {'URL':26} LAST ERROR")
+    width = max(len("NAME"), *(len(row["name"]) for row in rows))
+    print(f"{'NAME':{width}} {'REVISION':>8} {'READY':>6} {'RESTARTS':>8} {'MEMORY':>9}  {'URL':26} LAST ERROR")
     for row in rows:
         revision = "-" if row["revision"] is None else str(row["revision"])
         restarts = f"{row['restarts']}{' (crash loop)' if row['crash_loop'] else ''}"
         memory = f"{row['memory_bytes'] / 2**20:.0f}MiB" if row["memory_bytes"] else "-"
         url = row["url"] or "(stopped)"
         print(
-            f"{row['name']:20} {revision:>8} {row['ready']:>3}/{row['desired']:<2} {restarts:>8} {memory:>9}  "
+            f"{row['name']:{width}} {revision:>8} {row['ready']:>3}/{row['desired']:<2} {restarts:>8} {memory:>9}  "
             f"{url:26} {row['last_error'] or ''}"
         )
     if args.name:
