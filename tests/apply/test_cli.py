@@ -77,3 +77,20 @@ def test_render_writes_files_for_each_target(tmp_path: Path, capsys) -> None:
     capsys.readouterr()
     assert main(["render", str(recipe), "--target", "vllm"]) == 0
     assert "vllm serve deepseek-ai/DeepSeek-R1-Distill-Qwen-7B" in capsys.readouterr().out
+
+
+def test_router_port_in_use_fails_apply_with_that_cause(state_dir: Path, tmp_path: Path, capsys) -> None:
+    from vdeploy.router import bind
+    from vdeploy.supervisor import free_port
+
+    port = free_port()
+    squatter = bind("127.0.0.1", port)  # someone else listens on the recipe's server.port
+    recipe = _quickstart(tmp_path, name="port-clash", server={"port": port})
+    try:
+        assert main(["apply", str(recipe), "--timeout", "60"]) == 1
+        err = capsys.readouterr().err
+        assert f"cannot listen on 127.0.0.1:{port} (server.port): Address already in use" in err
+    finally:
+        squatter.close()
+        assert main(["delete", "port-clash"]) == 0
+    assert not list(state_dir.iterdir())
