@@ -1,9 +1,13 @@
 """The model runner: owns the model and the KV cache tensors, turns a scheduled step into one flat forward pass.
 
 A step's tokens are concatenated without padding; each token's KV slot comes from its sequence's block table. A
-decode-only step (one token per sequence) is copied into persistent input buffers sized for max_num_seqs, the inputs a
-CUDA graph would be captured on (`_run_model` is where a captured graph would be replayed); on CPU it runs eagerly.
+decode-only step (one token per sequence) is copied into persistent input buffers sized for max_num_seqs; on CUDA,
+unless enforce_eager, it replays a CUDA graph captured on those buffers (engine/worker/cuda_graph.py).
 Host work per step is a few list concatenations and one tensor build per input.
+
+On CUDA the KV cache is sized by measurement, as vLLM does: weights as loaded, the peak of a profiling forward pass
+at max_num_batched_tokens (plus the sampler), memory outside torch (CUDA context), and the CUDA graphs' pool; the cache
+takes what is left of gpu_memory_utilization, and never more than the plan's prediction, so the plan's peak holds.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ from engine.worker.sampler import Sampler, SamplerOutput
 
 logger = logging.getLogger(__name__)
 
+_MiB = 1 << 20
 _GiB = 1 << 30
+_DEFAULT_GRAPH_BYTES = 256 * _MiB  # graph pool reserve when no plan predicted one
 
 
 def _kv_dtype(config: EngineConfig) -> torch.dtype:
@@ -43,12 +49,21 @@ class ModelRunner:
             for layer in self.attn_layers
         )
         self.sampler = Sampler(self.device, config.seed)
+        # Bytes per GPU as measured at start-up, keyed like the plan's memory table (CUDA only).
+        self.measured: dict[str, int] = {}
         self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
         self.num_blocks = self._kv_cache_bytes() // self.bytes_per_block
-        if self.num_blocks < self.max_blocks_per_seq:
+        if self.num_blocks <= 0:
             raise ValueError(
-                f"kv_cache_memory_bytes: the KV cache holds {self.num_blocks * self.block_size} tokens, fewer than "
-                f"one max_model_len ({config.max_model_len}) sequence needs; raise the cache or lower max_model_len"
+                "No available memory for the cache blocks. Try increasing `gpu_memory_utilization` when "
+                "initializing the engine (or kv_cache_memory_bytes on CPU)."
+            )
+        if self.num_blocks < self.max_blocks_per_seq:
+            fits = self.num_blocks * self.block_size
+            raise ValueError(
+                f"The model's max seq len ({config.max_model_len}) is larger than the maximum number of tokens that "
+                f"can be stored in KV cache ({fits}). Try increasing `gpu_memory_utilization` or decreasing "
+                f"`max_model_len` (the largest that fits is {fits})."
             )
         self.num_cpu_blocks = int(config.swap_space * _GiB) // self.bytes_per_block
         self.kv_caches = self._allocate(self.num_blocks, self.device)
@@ -56,6 +71,16 @@ class ModelRunner:
         for layer, (k, v) in zip(self.attn_layers, self.kv_caches, strict=True):
             layer.k_cache, layer.v_cache = k, v
         self._decode_buffers = _DecodeBuffers(config.max_num_seqs, self.max_blocks_per_seq, self.device)
+        self.graphs = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            from engine.worker.cuda_graph import DecodeGraphs
+
+            self.graphs = DecodeGraphs(model, self._decode_buffers, config.max_num_seqs)
+            self.graphs.capture()
+            self.measured["cuda_graph_bytes"] = self.graphs.memory_bytes
+        if self.device.type == "cuda":
+            self.measured["kv_cache_bytes"] = self.num_blocks * self.bytes_per_block
+            _log_predicted_vs_measured(config.predicted_memory, self.measured)
         logger.info(
             "KV cache: %d blocks of %d tokens (%.1f MiB), %d CPU swap blocks",
             self.num_blocks,
@@ -69,13 +94,16 @@ class ModelRunner:
             return self.config.kv_cache_memory_bytes
         if self.device.type != "cuda":
             raise ValueError("kv_cache_memory_bytes: required on CPU (LLM(...) and the compiler set it)")
-        peak = self.profile_run()
+        cfg, predicted, m = self.config, self.config.predicted_memory, self.measured
+        m["weights_bytes"] = torch.cuda.memory_allocated()
+        m["activation_bytes"] = self.profile_run() - m["weights_bytes"]
         torch.cuda.empty_cache()  # so that mem_get_info counts weights and context, not the profile's freed blocks
         free, total = torch.cuda.mem_get_info()
-        budget = (
-            int(total * self.config.gpu_memory_utilization) - (total - free) - (peak - torch.cuda.memory_allocated())
-        )
-        return max(budget, 0)
+        m["overhead_bytes"] = (total - free) - torch.cuda.memory_reserved()  # CUDA context, NCCL, ...
+        # Graphs are captured after the cache is allocated: reserve the plan's estimate for them.
+        graphs = 0 if cfg.enforce_eager else predicted.get("cuda_graph_bytes", _DEFAULT_GRAPH_BYTES)
+        available = int(total * cfg.gpu_memory_utilization) - sum(m.values()) - graphs
+        return max(min(available, predicted.get("kv_cache_bytes", available)), 0)
 
     def _allocate(self, num_blocks: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [
@@ -112,7 +140,8 @@ class ModelRunner:
             torch.cuda.reset_peak_memory_stats()
         try:
             hidden = self.model(input_ids, positions, meta)
-            self.model.compute_logits(hidden[cu[1:].long() - 1])
+            logits = self.model.compute_logits(hidden[cu[1:].long() - 1])
+            _sampler_peak(logits)
         finally:
             for layer, (k, v) in zip(self.attn_layers, bound, strict=True):
                 layer.k_cache, layer.v_cache = k, v
@@ -137,7 +166,8 @@ class ModelRunner:
             return self.sampler(logits, seqs, stop_ids)
 
     def _run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        # A decode step's inputs live in persistent buffers: the place to replay a captured CUDA graph.
+        if self.graphs is not None and meta.is_decode and len(input_ids) <= self.graphs.max_batch:
+            return self.graphs.replay(len(input_ids))  # its inputs are already in the persistent buffers
         return self.model(input_ids, positions, meta)
 
     def _prepare(
@@ -187,6 +217,20 @@ class ModelRunner:
                 src, dst = (torch.tensor(x, device=k.device) for x in zip(*step.copies, strict=True))
                 for cache in (k, v):
                     cache[dst] = cache[src]
+
+
+def _sampler_peak(logits: torch.Tensor) -> None:
+    """Allocates what the sampler's top-k/top-p path holds at once over a batch of logits, for the profiling pass."""
+    sorted_logits, order = logits.float().sort(dim=-1, descending=True)
+    sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+
+
+def _log_predicted_vs_measured(predicted: dict[str, int], measured: dict[str, int]) -> None:
+    rows = [
+        f"{key.removesuffix('_bytes'):>12} {predicted.get(key, 0) / _MiB:10.1f} {value / _MiB:10.1f}"
+        for key, value in measured.items()
+    ]
+    logger.info("GPU memory (MiB)   predicted   measured\n%s", "\n".join(rows))
 
 
 class _DecodeBuffers:
