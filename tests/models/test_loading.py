@@ -237,3 +237,17 @@ def test_model_lands_on_the_configured_device_and_dtype_in_eval_mode(tiny_opt_di
     model = load_model(config, load_hf_config(config))
     assert not model.training
     assert {(p.device.type, p.dtype) for p in model.parameters()} == {("cpu", torch.float16)}
+
+
+def test_registry_and_loader_errors_import_without_torch():
+    """The control plane asks `is_supported` and catches ModelLoadError without paying for torch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import engine.loader; from engine.loader import ModelLoadError; "
+        "from engine.models.registry import is_supported; "
+        "assert is_supported('Qwen2ForCausalLM') and not is_supported('FalconForCausalLM'); "
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
