@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import http.server
+import importlib.util
 import json
 import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -209,8 +212,6 @@ def test_hub_id_is_fetched_from_hf_endpoint(tmp_path, monkeypatch):
 
 
 def test_modelscope_id_without_the_package_says_what_to_install(monkeypatch):
-    import importlib.util
-
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "modelscope" else real_find_spec(name, *a)
@@ -241,9 +242,6 @@ def test_model_lands_on_the_configured_device_and_dtype_in_eval_mode(tiny_opt_di
 
 def test_registry_and_loader_errors_import_without_torch():
     """The control plane asks `is_supported` and catches ModelLoadError without paying for torch."""
-    import subprocess
-    import sys
-
     code = (
         "import sys; import engine.loader; from engine.loader import ModelLoadError; "
         "from engine.models.registry import is_supported; "
