@@ -14,13 +14,16 @@ import kernels
 
 def rope_parameters(hf_config: Any) -> dict[str, Any]:
     """The model's RoPE settings as one dict with `rope_type` and `rope_theta`, from transformers 5's
-    `rope_parameters` or 4.x's `rope_scaling` + `rope_theta`."""
+    `rope_parameters` or 4.x's `rope_scaling` + `rope_theta`. A config built from a GGUF file may also carry
+    `rope_freq_factors`: llama.cpp's explicit per-frequency divisors (how its files store llama 3.x scaling)."""
     params = getattr(hf_config, "rope_parameters", None)
     if params is None:
         params = dict(getattr(hf_config, "rope_scaling", None) or {})
         params.setdefault("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
     params = dict(params)
     params["rope_type"] = params.get("rope_type") or params.get("type") or "default"
+    if getattr(hf_config, "rope_freq_factors", None) is not None:
+        params["freq_factors"] = hf_config.rope_freq_factors
     return params
 
 
@@ -88,6 +91,11 @@ def build_cos_sin_cache(rot_dim: int, max_position_embeddings: int, params: dict
         inv_freq, attention_factor = _yarn(rot_dim, base, params, original)
     else:
         raise ValueError(f"unsupported rope type {rope_type!r} (supported: default, linear, dynamic, llama3, yarn)")
+    if "freq_factors" in params:
+        factors = torch.tensor(params["freq_factors"], dtype=torch.float32)
+        if factors.shape != inv_freq.shape:
+            raise ValueError(f"rope freq_factors has {len(factors)} entries, expected {len(inv_freq)}")
+        inv_freq = inv_freq / factors
     freqs = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
     return torch.cat((freqs.cos(), freqs.sin()), dim=-1) * attention_factor
 

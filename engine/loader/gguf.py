@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from engine.loader.errors import ModelLoadError
-from vdeploy.gguf_header import GGUFError, GGUFHeader, read_gguf_header
+from vdeploy.gguf_header import GGUFError, GGUFHeader, GGUFTensor, read_gguf_header
 
 # GGUF `general.architecture` -> (HF architecture, transformers config class name, q/k rows permuted by llama.cpp).
 _ARCHITECTURES = {
@@ -85,6 +85,8 @@ def gguf_hf_config(path: Path) -> Any:
         rope.update(rope_type=scaling, factor=float(get("rope.scaling.factor")))
         if f"{arch}.rope.scaling.original_context_length" in meta:
             rope["original_max_position_embeddings"] = int(meta[f"{arch}.rope.scaling.original_context_length"])
+    freq_factors = next((t for t in header.tensors if t.name == "rope_freqs.weight"), None)
+    extra = {"rope_freq_factors": _read_tensor(path, freq_factors).tolist()} if freq_factors else {}
     token_ids = {
         f"{role}_token_id": meta[f"tokenizer.ggml.{role}_token_id"]
         for role in ("bos", "eos", "pad")
@@ -104,6 +106,7 @@ def gguf_hf_config(path: Path) -> Any:
         rope_parameters=rope,
         tie_word_embeddings=not any(t.name == "output.weight" for t in header.tensors),
         **token_ids,
+        **extra,
     )
 
 
@@ -125,37 +128,38 @@ def _unpermute_rope_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return weight.reshape(heads, out // heads // 2, 2, *cols).transpose(1, 2).reshape(out, *cols)
 
 
-def iter_gguf(path: Path, hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, float32 tensor) pairs, dequantizing one tensor at a time."""
+def _read_tensor(path: Path, tensor: GGUFTensor) -> torch.Tensor:
+    """One tensor, dequantized to float32, in numpy's (= HF's) dimension order."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
     from gguf.quants import dequantize
 
+    kind = GGMLQuantizationType[tensor.type_name]
+    block_elements, block_bytes = GGML_QUANT_SIZES[kind]
+    # Rows of packed blocks: numpy's shape is ggml's reversed, with the innermost dimension in bytes.
+    row_bytes = tensor.shape[0] // block_elements * block_bytes
+    raw = np.memmap(path, dtype=np.uint8, mode="r", offset=tensor.offset, shape=(tensor.n_bytes,))
+    try:
+        values = dequantize(raw.reshape(*reversed(tensor.shape[1:]), row_bytes), kind)
+    except Exception as exc:  # a type the gguf package cannot dequantize
+        raise ModelLoadError(
+            f"{path}: tensor {tensor.name!r} ({tensor.type_name}) cannot be dequantized: {exc}"
+        ) from None
+    return torch.from_numpy(values if values.flags.writeable else values.copy())  # F32 is a view of the map
+
+
+def iter_gguf(path: Path, hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, float32 tensor) pairs, dequantizing one tensor at a time."""
     header = gguf_header(path)
     arch = _architecture(header, path)
     permuted = _ARCHITECTURES[arch][2]
     rope_heads = {"q_proj": hf_config.num_attention_heads, "k_proj": hf_config.num_key_value_heads}
-    data = np.memmap(path, dtype=np.uint8, mode="r")
     for tensor in header.tensors:
-        if tensor.name == "rope_freqs.weight":
-            raise ModelLoadError(
-                f"{path}: per-frequency rope factors (rope_freqs.weight, llama 3.1-style rope scaling) are not "
-                "supported in GGUF files yet; use the HF safetensors checkpoint"
-            )
+        if tensor.name == "rope_freqs.weight":  # already in the config (rope_freq_factors)
+            continue
         name = hf_tensor_name(tensor.name)
         if name is None:
             raise ModelLoadError(f"{path}: tensor {tensor.name!r} has no place in a {arch} model")
-        # Rows of packed blocks: numpy's shape is ggml's reversed, with the innermost dimension in bytes.
-        kind = GGMLQuantizationType[tensor.type_name]
-        block_elements, block_bytes = GGML_QUANT_SIZES[kind]
-        row_bytes = tensor.shape[0] // block_elements * block_bytes
-        raw = data[tensor.offset : tensor.offset + tensor.n_bytes].reshape(*reversed(tensor.shape[1:]), row_bytes)
-        try:
-            values = dequantize(raw, kind)
-        except Exception as exc:  # a type the gguf package cannot dequantize
-            raise ModelLoadError(
-                f"{path}: tensor {tensor.name!r} ({tensor.type_name}) cannot be dequantized: {exc}"
-            ) from None
-        weight = torch.from_numpy(values if values.flags.writeable else values.copy())  # F32 is a view of the map
+        weight = _read_tensor(path, tensor)
         projection = name.split(".")[-2]
         if permuted and projection in rope_heads:
             weight = _unpermute_rope_rows(weight, rope_heads[projection])

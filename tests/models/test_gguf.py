@@ -10,7 +10,7 @@ import transformers
 from engine.config import EngineConfig
 from engine.loader import ModelLoadError, load_hf_config, load_model, load_tokenizer
 from engine.loader.gguf import _unpermute_rope_rows, hf_tensor_name
-from tests.fixtures.tiny_models import save_tiny_gguf
+from tests.fixtures.tiny_models import save_tiny_gguf, save_tiny_model
 from tests.models.harness import forward_no_cache, load_engine_model, reference_logits
 
 PROMPTS = ["The capital of France is", "请用一句话介绍一下北京。"]
@@ -27,6 +27,24 @@ def test_float32_gguf_gives_the_hf_checkpoint_logits(fixture, prompts, request, 
     got = forward_no_cache(load_engine_model(path), prompts)
     for row, want in zip(got, forward_no_cache(load_engine_model(hf_dir), prompts), strict=True):
         torch.testing.assert_close(row, want, atol=1e-5, rtol=0)
+
+
+def test_llama3_rope_factors_stored_by_llama_cpp_are_applied(tmp_path):
+    """llama.cpp keeps llama 3 rope scaling as a rope_freqs.weight tensor of per-frequency divisors."""
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 10000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32,  # a 16-dim head's wavelengths fall in all three llama3 bands
+    }
+    hf_dir = save_tiny_model(tmp_path / "hf", "llama", rope_parameters=rope)
+    path = save_tiny_gguf(hf_dir, tmp_path / "model.gguf", quantize=False)
+    assert load_hf_config(EngineConfig(model=str(path))).rope_freq_factors[-1] == 8.0
+    sequences = [list(range(3, 40))]
+    got = forward_no_cache(load_engine_model(path), sequences)[0]
+    torch.testing.assert_close(got, reference_logits(hf_dir, sequences)[0], atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("fixture", TINY)
