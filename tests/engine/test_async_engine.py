@@ -78,3 +78,21 @@ def test_client_errors_raise_value_errors_before_anything_runs(async_engine):
         asyncio.run(collect(async_engine, [5] * 300, SamplingParams(), "long"))
     assert issubclass(InvalidPromptError, ValueError)
     assert async_engine.is_running()
+
+
+def test_a_crashed_engine_loop_fails_every_stream(make_llm):
+    from engine.async_engine import EngineDeadError
+
+    llm_engine = make_llm().llm_engine
+    engine = AsyncEngine.from_engine(llm_engine)
+
+    def crash(*args):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    llm_engine.runner.execute = crash  # a fault inside a step
+    with pytest.raises(EngineDeadError) as info:
+        asyncio.run(collect(engine, "Hello", SamplingParams(), "x"))
+    assert "illegal memory access" in str(info.value.__cause__)
+    assert not engine.is_running()
+    with pytest.raises(EngineDeadError):  # later requests fail at once instead of hanging
+        asyncio.run(collect(engine, "Hello", SamplingParams(), "y"))

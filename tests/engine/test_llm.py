@@ -277,3 +277,12 @@ def test_streamed_text_never_shows_a_stop_string(make_llm):
     final = text[: text.index(stop)]
     assert streamed[-1] == final
     assert all(final.startswith(t) for t in streamed)  # held back while it could be the start of the stop string
+
+
+def test_closing_a_stream_early_aborts_the_rest(make_llm):
+    llm = make_llm()
+    stream = llm.stream(PROMPTS[:4], SamplingParams(max_tokens=50, ignore_eos=True))
+    next(stream)
+    stream.close()
+    engine = llm.llm_engine
+    assert not engine.has_unfinished_requests() and engine.kv.num_free_blocks == engine.kv.num_blocks
