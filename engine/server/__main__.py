@@ -9,6 +9,7 @@ The API key comes from --api-key, else from the environment variable the config'
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -25,12 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = read_config(args.config)
-        if args.host is not None:
-            config.host = args.host
-        if args.port is not None:
-            config.port = args.port
+        overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+        config = dataclasses.replace(config, **overrides)  # validated again
         api_key = args.api_key or api_key_from_env(config)
-    except EngineStartupError as error:
+    except (EngineConfigError, EngineStartupError) as error:
         print(f"EngineStartupError: {error}", file=sys.stderr)
         return 1
     return serve(config, api_key)
