@@ -7,6 +7,7 @@ Also the root cause of a failed replica, dug out of its log: a person reading `v
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import signal
 import time
@@ -14,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from vdeploy.supervisor import Replica, Supervisor
+
+log = logging.getLogger("vdeploy.rollout")
 
 # Ordered: the first pattern found anywhere in the log's tail wins, so specific causes come before generic ones.
 # Each message may use the pattern's named groups.
@@ -107,40 +110,78 @@ class RolloutFailed(Exception):
 
 
 async def roll_out(supervisor: Supervisor, revision: int) -> str:
-    """Make `revision` the serving one. Returns the strategy used; raises RolloutFailed with the root cause.
+    """Make `revision` the serving one; returns the strategy used, raises RolloutFailed with the root cause.
 
-    Surge (start new, switch, drain old) keeps the old revision serving until the new one is ready, so a failure costs
-    nothing. It needs room: on CPU there always is; on GPUs only when enough are free. Otherwise `recreate` stops the
-    old replicas first and, if the new ones fail, starts the old revision again.
+    `blue_green` starts every new replica next to the old ones and switches the router once all are ready. `rolling`
+    (and `blue_green` when the GPUs cannot hold both sets) replaces one replica at a time. Either way the old revision
+    serves until the new one is ready, and a failure puts back what was taken away. With nothing serving yet, all
+    replicas start at once.
     """
     plan = supervisor.deployment.plan(revision)
     timeout = readiness_timeout(plan)
     old = [r for r in supervisor.replicas if r.revision != revision]
-    old_revision = supervisor.serving_revision
-
-    new = supervisor.create_replicas(revision, plan)
-    if new is not None:
-        strategy = "surge"
-    else:
-        strategy = "recreate"
-        await supervisor.retire(old)
+    first = supervisor.serving_revision is None
+    if first or (plan.get("rollout") or {}).get("strategy") == "blue_green":
         new = supervisor.create_replicas(revision, plan)
-        if new is None:
-            raise RolloutFailed(f"revision {revision} needs more GPUs than the host's {plan.get('gpu_count', 0)}")
-    supervisor.set_rollout(revision, phase="progressing", strategy=strategy)
+        if new is not None:
+            supervisor.set_rollout(revision, strategy="all at once" if first else "blue_green")
+            try:
+                await wait_ready(supervisor, new, timeout)
+            except RolloutFailed:
+                await supervisor.retire(new)
+                raise
+            await _switch(supervisor, revision, old)
+            return supervisor.rollout["strategy"]
+    supervisor.set_rollout(revision, strategy="rolling")
+    await _one_at_a_time(supervisor, revision, plan, old, timeout)
+    return "rolling"
+
+
+async def _one_at_a_time(
+    supervisor: Supervisor, revision: int, plan: dict[str, Any], old: list[Replica], timeout: float
+) -> None:
+    """For each replica slot: start the new replica (first stopping the slot's old one only when the GPUs are full),
+    wait until it is ready, let the router use it, then stop the slot's old replica."""
+    old_revision = supervisor.serving_revision
+    old_by_slot = {r.index: r for r in old if r.revision == old_revision}
+    started: list[Replica] = []
+    emptied: list[int] = []  # slots whose old replica is gone
+
+    async def empty(slot: int) -> None:
+        if slot in old_by_slot:
+            await supervisor.retire([old_by_slot.pop(slot)])
+            emptied.append(slot)
+
     try:
-        await wait_ready(supervisor, new, timeout)
+        for slot in range(int(plan.get("replicas", 1))):
+            new = supervisor.create_replicas(revision, plan, slots=[slot])
+            if new is None:
+                await empty(slot)
+                new = supervisor.create_replicas(revision, plan, slots=[slot])
+            if new is None:
+                raise RolloutFailed(f"revision {revision} needs more GPUs than the host's {plan.get('gpu_count', 0)}")
+            started += new
+            await wait_ready(supervisor, new, timeout)
+            for replica in new:
+                replica.admitted = True  # serves next to the old revision from now on
+            supervisor.publish()
+            log.info("revision %d replica %d serving", revision, slot)
+            await empty(slot)
     except RolloutFailed:
-        await supervisor.retire(new)
-        if strategy == "recreate" and old_revision is not None:
-            restored = supervisor.create_replicas(old_revision, supervisor.deployment.plan(old_revision))
+        await supervisor.retire(started)
+        if emptied and old_revision is not None:
+            restored = supervisor.create_replicas(old_revision, supervisor.deployment.plan(old_revision), slots=emptied)
             if restored:
                 await wait_ready(supervisor, restored, timeout)
         raise
+    await _switch(supervisor, revision, [r for r in old if r in supervisor.replicas])
+
+
+async def _switch(supervisor: Supervisor, revision: int, old: list[Replica]) -> None:
+    """Route to `revision` only, then drain and stop the `old` replicas."""
     supervisor.serving_revision = revision
-    supervisor.publish()  # the router now sends new requests to the new revision only
-    await supervisor.retire([r for r in old if r in supervisor.replicas])
-    return strategy
+    supervisor.publish()
+    await supervisor.retire(old)
 
 
 async def wait_ready(supervisor: Supervisor, replicas: list[Replica], timeout: float) -> None:

@@ -33,9 +33,10 @@ _HOP_HEADERS = {"connection", "keep-alive", "proxy-connection", "te", "trailer",
 class Backend:
     """One replica as the router sees it."""
 
-    def __init__(self, url: str, revision: int):
+    def __init__(self, url: str, revision: int, replica: int = 0):
         self.url = url
         self.revision = revision
+        self.replica = replica
         self.outstanding = 0  # requests sent and not yet fully answered
 
     def __repr__(self) -> str:
@@ -97,6 +98,7 @@ class Router:
                 raise
             reply_headers = {k: v for k, v in reply.headers.items() if k.lower() not in _HOP_HEADERS}
             reply_headers["x-vdeploy-revision"] = str(backend.revision)
+            reply_headers["x-vdeploy-replica"] = str(backend.replica)
             return StreamingResponse(self._relay(reply, backend), status_code=reply.status_code, headers=reply_headers)
         return JSONResponse(
             {"error": {"message": "no ready replica to serve the request", "type": "ServiceUnavailable", "code": 503}},

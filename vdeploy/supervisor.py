@@ -107,11 +107,10 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
         pass
 
 
-def assign_gpus(plan: dict[str, Any], in_use: set[int]) -> list[list[int] | None] | None:
-    """GPUs for each of `plan`'s replicas (tensor x pipeline parallel size each, lowest free first), all None on the
+def assign_gpus(plan: dict[str, Any], in_use: set[int], count: int) -> list[list[int] | None] | None:
+    """GPUs for `count` replicas of `plan` (tensor x pipeline parallel size each, lowest free first), all None on the
     CPU, or None when the host's free GPUs are too few."""
     engine = plan["engine"]
-    count = int(plan.get("replicas", 1))
     if engine.get("device") != "cuda":
         return [None] * count
     per_replica = engine["tensor_parallel_size"] * engine["pipeline_parallel_size"]
@@ -142,6 +141,7 @@ class Replica:
     ready_since: float = 0.0
     restart_at: float = 0.0
     backoff_s: float = 0.0  # the wait before the pending restart
+    admitted: bool = False  # routed to during a rolling update, before its revision is the serving one
     next_health_at: float = 0.0
     health_failures: int = 0
     last_error: str | None = None
@@ -149,7 +149,7 @@ class Replica:
     backend: Backend = field(init=False)
 
     def __post_init__(self) -> None:
-        self.backend = Backend(f"http://127.0.0.1:{self.port}", self.revision)
+        self.backend = Backend(f"http://127.0.0.1:{self.port}", self.revision, self.index)
 
     @property
     def crash_loop(self) -> bool:
@@ -233,15 +233,18 @@ class Supervisor:
         self._last_status: dict[str, Any] | None = None
 
     # Replicas.
-    def create_replicas(self, revision: int, plan: dict[str, Any]) -> list[Replica] | None:
-        """Start `plan`'s replicas for `revision`; None when not enough GPUs are free for them."""
+    def create_replicas(
+        self, revision: int, plan: dict[str, Any], slots: list[int] | None = None
+    ) -> list[Replica] | None:
+        """Start `plan`'s replicas for `revision` (all, or those of `slots`); None when too few GPUs are free."""
+        slots = list(range(int(plan.get("replicas", 1)))) if slots is None else slots
         in_use = {g for r in self.replicas for g in (r.gpus or [])}
-        assignment = assign_gpus(plan, in_use)
+        assignment = assign_gpus(plan, in_use, len(slots))
         if assignment is None:
             return None
         plan_path = str(self.deployment.plan_path(revision))
         created = []
-        for index, gpus in enumerate(assignment):
+        for index, gpus in zip(slots, assignment, strict=True):
             port = free_port()
             try:
                 argv = replica_command(plan, plan_path, port)
@@ -289,9 +292,13 @@ class Supervisor:
             replica.process.wait()
 
     def publish(self) -> None:
-        """Point the router at the ready replicas of the serving revision, and record it."""
+        """Point the router at the ready replicas of the serving revision (and those a rolling update admitted)."""
         self.router.set_backends(
-            [r.backend for r in self.replicas if r.revision == self.serving_revision and r.state == "ready"]
+            [
+                r.backend
+                for r in self.replicas
+                if r.state == "ready" and (r.revision == self.serving_revision or r.admitted)
+            ]
         )
         self.write_status()
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -245,6 +246,26 @@ def test_supervisor_killed_mid_apply_then_next_apply_recovers(world: World) -> N
 
 def status_pid(world: World) -> int:
     return json.loads((world.root / "state" / NAME / "status.json").read_text())["supervisor_pid"]
+
+
+def test_two_replicas_roll_one_at_a_time_and_share_the_load(world: World) -> None:
+    recipe = world.recipe(memory__max_num_seqs=3, parallelism__data_parallel_size=2)
+    result = world.vdeploy("apply", str(recipe), "--timeout", WAIT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    status = world.status()
+    assert (status["revision"], status["ready"], status["desired"]) == (5, 2, 2)
+    assert status["rollout"]["strategy"] == "rolling"
+    log = (world.root / "state" / NAME / "logs" / "supervisor.log").read_text()
+    order = [
+        log.index("started revision 5 replica 0"),
+        log.index("revision 5 replica 0 serving"),
+        log.index("started revision 5 replica 1"),
+    ]
+    assert order == sorted(order)  # the second replica starts only once the first serves
+    with httpx.Client() as client, ThreadPoolExecutor(4) as pool:
+        replies = list(pool.map(lambda _: world.complete(client), range(8)))
+    assert all(r.status_code == 200 for r in replies)
+    assert {r.headers["x-vdeploy-replica"] for r in replies} == {"0", "1"}  # least outstanding spreads the load
 
 
 def test_delete_leaves_no_process(world: World) -> None:

@@ -38,8 +38,8 @@ def test_gpus_are_assigned_per_replica_and_a_full_host_says_so() -> None:
     from tests.apply.conftest import make_plan
 
     plan = make_plan(replicas=2, gpu_count=4, device="cuda", dtype="float16", tensor_parallel_size=2)
-    assert assign_gpus(plan, in_use=set()) == [[0, 1], [2, 3]]
-    assert assign_gpus(plan, in_use={1}) is None  # a surge needs 4 free GPUs: the rollout recreates instead
-    single = make_plan(gpu_count=4, device="cuda", dtype="float16")
-    assert assign_gpus(single, in_use={0, 2}) == [[1]]
-    assert assign_gpus(make_plan(replicas=3), in_use=set()) == [None, None, None]  # CPU replicas get no GPUs
+    assert assign_gpus(plan, set(), count=2) == [[0, 1], [2, 3]]
+    assert assign_gpus(plan, {1}, count=2) is None  # blue/green needs 4 free GPUs: the rollout goes one at a time
+    assert assign_gpus(plan, {0, 1}, count=1) == [[2, 3]]  # room for one new replica next to an old one
+    assert assign_gpus(plan, {0, 1, 2}, count=1) is None
+    assert assign_gpus(make_plan(replicas=3), set(), count=3) == [None, None, None]  # CPU replicas get no GPUs

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import signal
 import sys
 import time
 
@@ -21,22 +19,39 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def stop(deployment, timeout: float = STOP_TIMEOUT_S) -> None:
     """Stop the supervisor gracefully (SIGTERM, SIGKILL after `timeout`), then any replica it left behind."""
+    import psutil
+
     from vdeploy.supervisor import stop_process_group
 
     status = deployment.status()
     pid = status.get("supervisor_pid")
-    if deployment.supervisor_alive() and pid:
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while deployment.supervisor_alive() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if deployment.supervisor_alive():
-            os.kill(pid, signal.SIGKILL)
-            while deployment.supervisor_alive():
-                time.sleep(0.05)
+    if deployment.supervisor_alive() and pid:  # the lock proves the recorded pid is still our supervisor
+        try:
+            supervisor = psutil.Process(pid)
+            supervisor.terminate()
+            if not _gone(supervisor, timeout):
+                supervisor.kill()
+                _gone(supervisor, 10.0)
+        except psutil.NoSuchProcess:
+            pass
     for replica in status.get("replicas", []):  # only if the supervisor could not stop them itself
         if replica.get("pid") and replica.get("create_time"):
             stop_process_group(replica["pid"], create_time=replica["create_time"])
+
+
+def _gone(process, timeout: float) -> bool:
+    """Wait until `process` has exited (a zombie counts: it is not our child to reap)."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if process.status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"delete: no deployment named {args.name!r}", file=sys.stderr)
             return 1
         stop(deployment)
-    except (StateError, ProcessLookupError) as e:
+    except StateError as e:
         print(f"delete: {e}", file=sys.stderr)
         return 1
     if not args.keep_state:
