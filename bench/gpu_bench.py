@@ -169,7 +169,9 @@ def copy_bandwidth() -> float:
     return 2 * (1 << 30) / sorted(times)[len(times) // 2]
 
 
-def batch1_decode(model_dir: Path, weight_bytes: int, bandwidth: float, **engine_args: Any) -> dict:
+def batch1_decode(
+    model_dir: Path, weight_bytes: int, bandwidth: float, profile_path: Path | None = None, **engine_args: Any
+) -> dict:
     """Per-token decode time at batch 1: (time for 1 + N tokens - time for 1 token) / N, prompt of 128 tokens."""
     from engine import LLM, SamplingParams
 
@@ -186,6 +188,17 @@ def batch1_decode(model_dir: Path, weight_bytes: int, bandwidth: float, **engine
             runs.append(time.perf_counter() - start)
         timings[n] = sorted(runs)[1]
     step = (timings[257] - timings[1]) / 256
+    forward = graph_replay_seconds(llm)
+    if profile_path is not None:
+        import cProfile
+        import pstats
+
+        profiler = cProfile.Profile()
+        profiler.runcall(
+            llm.generate, [prompt], SamplingParams(temperature=0, max_tokens=257, ignore_eos=True), use_tqdm=False
+        )
+        with open(profile_path, "w") as f:
+            pstats.Stats(profiler, stream=f).sort_stats("tottime").print_stats(40)
     del llm
     free_gpu()
     achieved = weight_bytes / step
@@ -196,7 +209,28 @@ def batch1_decode(model_dir: Path, weight_bytes: int, bandwidth: float, **engine
         achieved_bytes_per_s=round(achieved),
         copy_bytes_per_s=round(bandwidth),
         fraction_of_roofline=round(achieved / bandwidth, 3),
+        # The forward pass alone (one CUDA-graph replay, no scheduling or sampling): what the kernels achieve.
+        forward_ms=None if forward is None else round(forward * 1e3, 3),
+        forward_fraction_of_roofline=None if forward is None else round(weight_bytes / forward / bandwidth, 3),
     )
+
+
+def graph_replay_seconds(llm: Any) -> float | None:
+    """Median time of one batch-1 decode graph replay (None when running eagerly)."""
+    import torch
+
+    graphs = llm.llm_engine.runner.graphs
+    if graphs is None:
+        return None
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(50):
+        start.record()
+        graphs.replay(1)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2]
 
 
 def memory_accuracy(model_dir: Path, settings: list[dict]) -> list[dict]:
@@ -295,6 +329,7 @@ def main() -> None:
     parser.add_argument("--sections", default="throughput,decode,memory,agreement")
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--output-json", type=Path)
+    parser.add_argument("--profile-dir", type=Path, help="write a cProfile of batch-1 decode per shape here")
     args = parser.parse_args()
 
     import torch
@@ -330,11 +365,15 @@ def main() -> None:
                 )
             if "decode" in sections:
                 weight_bytes = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
-                result["decode"] = batch1_decode(model_dir, weight_bytes, bandwidth, max_num_seqs=8, **engine_args)
+                profile = args.profile_dir / f"decode-profile-{shape}.txt" if args.profile_dir else None
+                result["decode"] = batch1_decode(
+                    model_dir, weight_bytes, bandwidth, profile, max_num_seqs=8, **engine_args
+                )
                 d = result["decode"]
                 print(
                     f"[{shape}] batch-1 decode: {d['ms_per_token']} ms/token, "
-                    f"{d['fraction_of_roofline']:.0%} of copy bandwidth",
+                    f"{d['fraction_of_roofline']:.0%} of copy bandwidth; forward alone {d['forward_ms']} ms "
+                    f"({d['forward_fraction_of_roofline']})",
                     flush=True,
                 )
             if "memory" in sections:

@@ -159,7 +159,9 @@ class ModelRunner:
         hidden = self._run_model(input_ids, positions, meta)
         sampled = {id(seq) for seq in sample_seqs}
         rows = [row for (seq, _), row in zip(step.scheduled, last_rows, strict=True) if id(seq) in sampled]
-        return self.model.compute_logits(hidden[rows])
+        if len(rows) < len(hidden):  # indexing by a host list waits for the GPU: a decode step (every row) skips it
+            hidden = hidden[rows]
+        return self.model.compute_logits(hidden)
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence], stop_ids: list[set[int]]) -> SamplerOutput:
         with torch.inference_mode():
