@@ -1,7 +1,7 @@
 PY ?= python3
 PIP ?= $(PY) -m pip
 
-.PHONY: install install-models test lint serve bench-lint
+.PHONY: install install-models test lint serve
 
 # torch is pinned to the CPU wheel that lies on this machine's disk; an unpinned torch pulls a multi-GB CUDA build.
 install:
@@ -20,5 +20,7 @@ test: install
 lint:
 	$(PY) -m ruff check .
 
+# Deploys the offline quick start: a supervised replica behind a router on :8000 (see README for the curl).
 serve: install
-	vdeploy plan recipes/quickstart-smollm2-cpu.yaml
+	vdeploy apply recipes/quickstart-smollm2-cpu.yaml
+	vdeploy status quickstart-smollm2-cpu
