@@ -5,8 +5,9 @@ ignored), our engine and transformers' `generate` on the same model in the same 
 
 With --range-ratio r, lengths are drawn uniformly from [len * (1 - r), len * (1 + r)] per request (vLLM's random
 dataset). transformers then runs static batches of --hf-batch-size as vLLM's `hf` backend does: prompts left-padded,
-every row generating the batch's longest output; only the requested tokens count. Prints requests/s, output tokens/s
-and total tokens/s for both and the ratio; --output-json records them with the command that produced them.
+every row generating the batch's longest output; only the requested tokens count. Each side runs --repeats times,
+alternating, and its best run counts (other work on the machine then skews both alike). Prints requests/s, output
+tokens/s and total tokens/s for both and the ratio; --output-json records them with the command that produced them.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import random
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -43,7 +45,7 @@ def random_requests(args: argparse.Namespace, vocab: int) -> tuple[list[list[int
     return prompts, [length(args.output_len) for _ in prompts]
 
 
-def run_ours(args: argparse.Namespace, prompts: list[list[int]], output_lens: list[int]) -> float:
+def ours(args: argparse.Namespace, prompts: list[list[int]], output_lens: list[int]) -> Callable[[], float]:
     from engine import LLM, SamplingParams
 
     llm = LLM(
@@ -52,18 +54,23 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]], output_lens: li
         device=args.device,
         max_model_len=max(len(p) + n for p, n in zip(prompts, output_lens, strict=True)) + 1,
         max_num_seqs=args.hf_batch_size,  # the same concurrency as transformers' batches
+        enable_prefix_caching=False,  # repeats must not reuse the previous run's prompts
         seed=args.seed,
     )
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in output_lens]
     llm.generate(prompts[:2], SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)  # warm-up
-    start = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=False)
-    elapsed = time.perf_counter() - start
-    assert [len(o.outputs[0].token_ids) for o in outputs] == output_lens
-    return elapsed
+
+    def run() -> float:
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        elapsed = time.perf_counter() - start
+        assert [len(o.outputs[0].token_ids) for o in outputs] == output_lens
+        return elapsed
+
+    return run
 
 
-def run_transformers(args: argparse.Namespace, prompts: list[list[int]], output_lens: list[int]) -> float:
+def transformers(args: argparse.Namespace, prompts: list[list[int]], output_lens: list[int]) -> Callable[[], float]:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -75,6 +82,7 @@ def run_transformers(args: argparse.Namespace, prompts: list[list[int]], output_
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
     model = model.to(args.device).eval()
 
+    @torch.inference_mode()
     def generate(batch: list[list[int]], new_tokens: int) -> None:
         width = max(len(p) for p in batch)
         ids = torch.tensor([[0] * (width - len(p)) + p for p in batch], device=args.device)  # left padding
@@ -89,12 +97,15 @@ def run_transformers(args: argparse.Namespace, prompts: list[list[int]], output_
         )
         assert out.shape[1] == width + new_tokens
 
-    with torch.inference_mode():
-        generate(prompts[:2], 2)  # warm-up
+    generate(prompts[:2], 2)  # warm-up
+
+    def run() -> float:
         start = time.perf_counter()
         for i in range(0, len(prompts), args.hf_batch_size):
             generate(prompts[i : i + args.hf_batch_size], max(output_lens[i : i + args.hf_batch_size]))
         return time.perf_counter() - start
+
+    return run
 
 
 def summary(elapsed: float, prompts: list[list[int]], output_lens: list[int]) -> dict:
@@ -119,6 +130,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=2, help="alternating runs of each; the best one counts")
     parser.add_argument("--output-json", type=Path, default=None)
     args = parser.parse_args()
     if args.model is None:
@@ -135,9 +147,13 @@ def main() -> None:
     vocab = len(load_tokenizer(EngineConfig(model=args.model)))
     prompts, output_lens = random_requests(args, vocab)
     load_before = os.getloadavg()[0]
+    runs = {"vdeploy": ours(args, prompts, output_lens), "transformers": transformers(args, prompts, output_lens)}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(args.repeats):  # alternating, so both see the same drift in the machine's other load
+        for name, run in runs.items():
+            times[name].append(run())
     results = {
-        name: summary(run(args, prompts, output_lens), prompts, output_lens)
-        for name, run in (("vdeploy", run_ours), ("transformers", run_transformers))
+        name: {**summary(min(t), prompts, output_lens), "all_s": [round(x, 2) for x in t]} for name, t in times.items()
     }
     ratio = results["vdeploy"]["output_tokens_per_s"] / results["transformers"]["output_tokens_per_s"]
     for name, r in results.items():

@@ -25,10 +25,6 @@ class SchedulerOutput:
     swap_in: list[tuple[int, int]] = field(default_factory=list)  # (cpu block, gpu block)
     copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) gpu blocks, copy-on-write
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(n for _, n in self.scheduled)
-
 
 class Scheduler:
     def __init__(self, config: EngineConfig, kv: KVCacheManager):
