@@ -94,3 +94,32 @@ def test_router_port_in_use_fails_apply_with_that_cause(state_dir: Path, tmp_pat
         squatter.close()
         assert main(["delete", "port-clash"]) == 0
     assert not list(state_dir.iterdir())
+
+
+def test_logs_follow_prints_new_output(state_dir: Path) -> None:
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from vdeploy.state import Deployment
+
+    deployment = Deployment("demo")
+    log = deployment.replica_log(1, 0)
+    log.parent.mkdir(parents=True)
+    log.write_text("loading\n")
+    follow = subprocess.Popen(
+        [sys.executable, "-m", "vdeploy.cli", "logs", "demo", "-f"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "VDEPLOY_STATE_DIR": str(state_dir)},
+    )
+    try:
+        assert follow.stdout.readline() == "loading\n"
+        time.sleep(0.3)
+        with open(log, "a") as f:
+            f.write("ready\n")
+        assert follow.stdout.readline() == "ready\n"  # appended output shows up while following
+    finally:
+        follow.kill()
+        follow.wait()
