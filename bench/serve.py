@@ -7,7 +7,9 @@ keeps, on the same model, engine settings and workload, measured in the same run
 2. Server: `python -m engine.server` with the offline run's exact EngineConfig; `--concurrency` clients send streaming
    /v1/completions requests (random token-id prompts, `ignore_eos`, greedy) and time every chunk.
 Prints TTFT, TPOT and ITL (mean / median / p99), requests/s, output tokens/s, and server / offline throughput, and
-records them with the command in bench/results/.
+records them with the command in bench/results/. On a shared host wall-clock throughput swings with other load, so
+each side's CPU time is recorded too (the server process's, the offline engine's): tokens per CPU second is the
+figure that background load does not move.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -70,17 +73,19 @@ def run_offline(llm, prompts: list[list[int]], output_len: int) -> dict:
     from engine import SamplingParams
 
     params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     with ThreadPoolExecutor(max_workers=1) as worker:
         requests = [{"prompt_token_ids": p} for p in prompts]
         outputs = worker.submit(llm.generate, requests, params, use_tqdm=False).result()
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     output_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     return {
         "elapsed_s": elapsed,
+        "cpu_s": cpu,
         "requests_per_s": len(prompts) / elapsed,
         "output_tokens": output_tokens,
         "output_tokens_per_s": output_tokens / elapsed,
+        "output_tokens_per_cpu_s": output_tokens / cpu,
     }
 
 
@@ -133,7 +138,10 @@ async def _one_request(client: httpx.AsyncClient, prompt: list[int], output_len:
     return timing
 
 
-async def _load(url: str, prompts: list[list[int]], output_len: int, concurrency: int) -> tuple[float, list]:
+async def _load(
+    url: str, prompts: list[list[int]], output_len: int, concurrency: int, server: psutil.Process
+) -> tuple[float, float, list]:
+    """(wall seconds, server CPU seconds, per-request timings) of the whole load, after a warm-up request."""
     limit = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=None, limits=limits) as client:
@@ -143,9 +151,9 @@ async def _load(url: str, prompts: list[list[int]], output_len: int, concurrency
             async with limit:
                 return await _one_request(client, prompt, output_len)
 
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), _cpu_seconds(server)
         timings = await asyncio.gather(*(bounded(p) for p in prompts))
-        return time.perf_counter() - start, timings
+        return time.perf_counter() - start, _cpu_seconds(server) - cpu_start, timings
 
 
 def run_server(args: argparse.Namespace, config_json: str, prompts: list[list[int]]) -> dict:
@@ -165,7 +173,8 @@ def run_server(args: argparse.Namespace, config_json: str, prompts: list[list[in
         try:
             url = f"http://127.0.0.1:{port}"
             _wait_healthy(url, server, Path(folder) / "server.log")
-            elapsed, timings = asyncio.run(_load(url, prompts, args.output_len, args.concurrency))
+            load = _load(url, prompts, args.output_len, args.concurrency, psutil.Process(server.pid))
+            elapsed, cpu, timings = asyncio.run(load)
         finally:
             server.terminate()
             server.wait(timeout=60)
@@ -173,6 +182,8 @@ def run_server(args: argparse.Namespace, config_json: str, prompts: list[list[in
     output_tokens = sum(t.output_tokens for t in timings)
     return {
         "elapsed_s": elapsed,
+        "cpu_s": cpu,
+        "output_tokens_per_cpu_s": output_tokens / cpu,
         "requests_per_s": len(prompts) / elapsed,
         "output_tokens": output_tokens,
         "output_tokens_per_s": output_tokens / elapsed,
@@ -194,6 +205,11 @@ def _wait_healthy(url: str, server: subprocess.Popen, log: Path, timeout: float 
             pass
         time.sleep(0.5)
     sys.exit("server did not become healthy")
+
+
+def _cpu_seconds(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
 
 
 def _summary(values: list[float]) -> dict:
@@ -222,6 +238,7 @@ def main() -> None:
     args = parser.parse_args()
     args.model = args.model or default_model()
 
+    load_average_before = os.getloadavg()
     llm, prompts = offline_engine(args)
     config_json = llm.config.to_json()
     # Offline runs before and after the server run, so a change in background load shows instead of skewing the ratio.
@@ -230,22 +247,25 @@ def main() -> None:
     offline_runs.append(run_offline(llm, prompts, args.output_len))
     offline = {key: statistics.fmean(run[key] for run in offline_runs) for key in offline_runs[0]}
     ratio = server["output_tokens_per_s"] / offline["output_tokens_per_s"]
+    cpu_ratio = server["output_tokens_per_cpu_s"] / offline["output_tokens_per_cpu_s"]
     device = json.loads(config_json)["device"]
 
     print(f"{'':24}{'offline':>12}{'server':>12}")
-    for key in ("requests_per_s", "output_tokens_per_s"):
+    for key in ("requests_per_s", "output_tokens_per_s", "output_tokens_per_cpu_s"):
         print(f"{key:24}{offline[key]:12.2f}{server[key]:12.2f}")
     for key in ("ttft_s", "tpot_s", "itl_s"):
         s = server[key]
         print(
             f"{key:24}mean {s['mean'] * 1000:8.1f} ms  median {s['median'] * 1000:8.1f} ms  p99 {s['p99'] * 1000:8.1f} ms"
         )
-    print(f"server / offline output throughput: {ratio:.3f} (goal >= 0.9)")
+    print(f"server / offline output throughput: {ratio:.3f} (goal >= 0.9); per CPU second: {cpu_ratio:.3f}")
 
     record = {
         "command": "python -m bench.serve " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "device": device,
         "host": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "load_average_1m_before_after": [load_average_before[0], os.getloadavg()[0]],
         "workload": {
             "num_prompts": args.num_prompts,
             "concurrency": args.concurrency,
@@ -258,6 +278,7 @@ def main() -> None:
         "offline_runs": offline_runs,
         "server": server,
         "server_over_offline_throughput": ratio,
+        "server_over_offline_throughput_per_cpu_s": cpu_ratio,
     }
     path = Path(args.result or REPO / "bench" / "results" / f"serve_{device}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
