@@ -8,7 +8,8 @@ on a background thread so a forward never blocks the server's event loop, and th
 
 Pooling follows the model's sentence-transformers files when present (`1_Pooling/config.json` picks mean / CLS /
 last-token; a `Normalize` module in `modules.json` turns on L2 normalisation); otherwise an encoder pools CLS and a
-decoder its last token. `convert: embed` normalises by default; `convert: reward` returns raw pooled values.
+decoder its last token. `convert: embed` normalises by default; `convert: reward` returns raw pooled values;
+`convert: classify` (a classification head) is not supported.
 """
 
 from __future__ import annotations
@@ -89,6 +90,8 @@ class PoolingEngine:
     def __init__(self, config: EngineConfig):
         from engine.loader import load_hf_config, load_model, load_tokenizer, resolve_model
 
+        if config.convert == "classify":
+            raise ValueError("convert 'classify' is not supported by the built-in pooling runner (embed or reward)")
         self.config = config
         hf_config = load_hf_config(config)
         self.tokenizer = load_tokenizer(config)

@@ -78,3 +78,8 @@ def test_batching_under_tight_limits_gives_the_same_vectors(minilm_dir):
     finally:
         engine.shutdown()
     assert not engine.is_running()
+
+
+def test_classify_is_refused_before_loading(tmp_path):
+    with pytest.raises(ValueError, match="classify"):
+        PoolingEngine(EngineConfig(model=str(tmp_path), runner="pooling", convert="classify"))
