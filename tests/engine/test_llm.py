@@ -36,13 +36,17 @@ def alone(make_llm) -> list[list[int]]:
     ]
 
 
-def test_greedy_tokens_match_transformers(make_llm, tiny_llama_dir):
+@pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_qwen2_dir", "tiny_mistral_dir", "tiny_opt_dir"])
+def test_greedy_tokens_match_transformers(request, fixture):
     from transformers import AutoModelForCausalLM
 
-    llm = make_llm()
+    from engine import LLM
+
+    model_dir = request.getfixturevalue(fixture)
+    llm = LLM(str(model_dir), dtype="float32", max_model_len=128, block_size=4, kv_cache_memory_bytes=1 << 20)
     prompts = PROMPTS[:4]
     ours = token_ids(llm.generate(prompts, GREEDY, use_tqdm=False))
-    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     for prompt, tokens in zip(prompts, ours, strict=True):
         ids = torch.tensor([prompt])
         expected = hf.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)[0, len(prompt) :]
