@@ -8,19 +8,23 @@ sliding window W, i - j < W.
 import functools
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float) -> torch.Tensor:
-    """q [..., Lq, H, D], k/v [..., Lk, Hkv, D], visible [..., Lq, Lk] bool -> [..., Lq, H, D]."""
-    h, hkv = q.shape[-2], k.shape[-2]
-    qg = q.float().unflatten(-2, (hkv, h // hkv))  # [..., Lq, Hkv, G, D]
-    scores = torch.einsum("...qhgd,...khd->...hgqk", qg, k.float()) * scale
-    scores = scores.masked_fill(~visible[..., None, None, :, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a query with no visible key gets zeros
-    out = torch.einsum("...hgqk,...khd->...qhgd", probs, v.float())
-    return out.flatten(-3, -2).to(q.dtype)
+    """q [..., Lq, H, D], k/v [..., Lk, Hkv, D], visible [..., Lq, Lk] bool -> [..., Lq, H, D]. torch's fused SDPA
+    in float32 (on the CPU several times faster than spelling the softmax out)."""
+    out = F.scaled_dot_product_attention(
+        q.float().transpose(-3, -2),
+        k.float().transpose(-3, -2),
+        v.float().transpose(-3, -2),
+        attn_mask=visible[..., None, :, :],
+        scale=scale,
+        enable_gqa=True,
+    )
+    return out.transpose(-3, -2).nan_to_num(0.0).to(q.dtype)  # a query with no visible key gets zeros
 
 
 def _visibility(q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool, sliding_window: int | None) -> torch.Tensor:
