@@ -66,15 +66,21 @@ def load_plans(path: str) -> tuple[list[dict[str, Any]], list[Diagnostic]]:
     return plans, diagnostics
 
 
+def checked_plans(path: str) -> list[dict[str, Any]] | None:
+    """The plans of every recipe under `path`, after printing its warnings and errors; None when any is an error."""
+    plans, diagnostics = load_plans(path)
+    problems = [d for d in diagnostics if d.severity != "info"]
+    if problems:
+        print(format_text(problems), file=sys.stderr)
+    return None if has_errors(diagnostics) else plans
+
+
 def run(args: argparse.Namespace) -> int:
     from vdeploy.rollout import changes, live_plan, readiness_timeout, wait_for_rollout
     from vdeploy.state import Deployment, StateError
 
-    plans, diagnostics = load_plans(args.path)
-    problems = [d for d in diagnostics if d.severity != "info"]
-    if problems:
-        print(format_text(problems), file=sys.stderr)
-    if has_errors(diagnostics):
+    plans = checked_plans(args.path)
+    if plans is None:
         print("apply: nothing changed (fix the errors above)", file=sys.stderr)
         return 1
     if args.foreground:

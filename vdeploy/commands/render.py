@@ -26,15 +26,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from vdeploy.commands.apply import load_plans
-    from vdeploy.diagnostics import format_text, has_errors
+    from vdeploy.commands.apply import checked_plans
     from vdeploy.render import RenderError, render
 
-    plans, diagnostics = load_plans(args.path)
-    problems = [d for d in diagnostics if d.severity != "info"]
-    if problems:
-        print(format_text(problems), file=sys.stderr)
-    if has_errors(diagnostics):
+    plans = checked_plans(args.path)
+    if plans is None:
         return 1
     recipe = args.path if len(plans) == 1 and Path(args.path).is_file() else None
     output = Path(args.output) if args.output else None
