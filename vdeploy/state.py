@@ -128,6 +128,14 @@ class Deployment:
     def exists(self) -> bool:
         return self.dir.is_dir()
 
+    @classmethod
+    def existing(cls, name: str) -> Deployment:
+        """The deployment `name`; StateError when none by that name was applied."""
+        deployment = cls(name)
+        if not deployment.exists():
+            raise StateError(f"no deployment named {name!r}")
+        return deployment
+
     # Revisions.
     def revisions(self) -> list[int]:
         folder = self.dir / "revisions"

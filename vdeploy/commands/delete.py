@@ -58,10 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from vdeploy.state import Deployment, StateError
 
     try:
-        deployment = Deployment(args.name)
-        if not deployment.exists():
-            print(f"delete: no deployment named {args.name!r}", file=sys.stderr)
-            return 1
+        deployment = Deployment.existing(args.name)
         stop(deployment)
     except StateError as e:
         print(f"delete: {e}", file=sys.stderr)

@@ -31,10 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from vdeploy.state import Deployment, StateError
 
     try:
-        deployment = Deployment(args.name)
-        if not deployment.exists():
-            print(f"logs: no deployment named {args.name!r}", file=sys.stderr)
-            return 1
+        deployment = Deployment.existing(args.name)
         path = log_path(deployment, args.replica, args.revision, args.supervisor)
     except StateError as e:
         print(f"logs: {e}", file=sys.stderr)

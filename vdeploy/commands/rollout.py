@@ -26,10 +26,7 @@ def run(args: argparse.Namespace) -> int:
     from vdeploy.state import Deployment, StateError
 
     try:
-        deployment = Deployment(args.name)
-        if not deployment.exists():
-            print(f"rollout: no deployment named {args.name!r}", file=sys.stderr)
-            return 1
+        deployment = Deployment.existing(args.name)
         return {"status": _status, "history": _history, "undo": _undo}[args.rollout_action](deployment, args)
     except StateError as e:
         print(f"rollout: {e}", file=sys.stderr)

@@ -65,10 +65,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         if args.name:
-            deployment = Deployment(args.name)
-            if not deployment.exists():
-                print(f"status: no deployment named {args.name!r}", file=sys.stderr)
-                return 1
+            deployment = Deployment.existing(args.name)
             deployments = [deployment]
         else:
             deployments = list_deployments()
