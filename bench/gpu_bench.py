@@ -190,15 +190,7 @@ def batch1_decode(
     step = (timings[257] - timings[1]) / 256
     forward = graph_replay_seconds(llm)
     if profile_path is not None:
-        import cProfile
-        import pstats
-
-        profiler = cProfile.Profile()
-        profiler.runcall(
-            llm.generate, [prompt], SamplingParams(temperature=0, max_tokens=257, ignore_eos=True), use_tqdm=False
-        )
-        with open(profile_path, "w") as f:
-            pstats.Stats(profiler, stream=f).sort_stats("tottime").print_stats(40)
+        write_decode_profile(llm, prompt, profile_path)
     del llm
     free_gpu()
     achieved = weight_bytes / step
@@ -213,6 +205,25 @@ def batch1_decode(
         forward_ms=None if forward is None else round(forward * 1e3, 3),
         forward_fraction_of_roofline=None if forward is None else round(weight_bytes / forward / bandwidth, 3),
     )
+
+
+def write_decode_profile(llm: Any, prompt: list[int], path: Path) -> None:
+    """torch.profiler over 64 batch-1 decode steps: host ops by self CPU time, GPU kernels by GPU time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from engine import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=65, ignore_eos=True)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        llm.generate([prompt], params, use_tqdm=False)
+        torch.cuda.synchronize()
+    averages = prof.key_averages()
+    with open(path, "w") as f:
+        f.write("64 decode steps + 1 prefill at batch 1\n\n== host, by self CPU time ==\n")
+        f.write(averages.table(sort_by="self_cpu_time_total", row_limit=40))
+        f.write("\n\n== device, by GPU time ==\n")
+        f.write(averages.table(sort_by="self_device_time_total", row_limit=40))
 
 
 def graph_replay_seconds(llm: Any) -> float | None:
@@ -329,7 +340,7 @@ def main() -> None:
     parser.add_argument("--sections", default="throughput,decode,memory,agreement")
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--output-json", type=Path)
-    parser.add_argument("--profile-dir", type=Path, help="write a cProfile of batch-1 decode per shape here")
+    parser.add_argument("--profile-dir", type=Path, help="write a torch.profiler table of batch-1 decode per shape here")
     args = parser.parse_args()
 
     import torch

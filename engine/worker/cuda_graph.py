@@ -1,9 +1,10 @@
 """CUDA graphs for decode steps: one graph per bucketed batch size, captured once at start-up, replayed every step.
 
 A decode step launches a few hundred small kernels; on a host with a slow CPU the launches, not the GPU, set the pace.
-Replaying a captured graph costs one launch. Graphs read their inputs from fixed addresses: the model runner's
-persistent decode buffers. Rows past the real batch are padding: they store no KV (slot -1) and attend over one
-cached token; their outputs are ignored.
+Replaying a captured graph costs one launch. A graph holds the whole step up to the next token: the forward pass, the
+LM head and the greedy argmax, so a greedy batch needs nothing else launched (other sampling reads the logits).
+Graphs read their inputs from fixed addresses: the model runner's persistent decode buffers. Rows past the real batch
+are padding: they store no KV (slot -1) and attend over one cached token; their outputs are ignored.
 """
 
 from __future__ import annotations
@@ -33,12 +34,24 @@ class DecodeGraphs:
         self.inputs = inputs
         self.sizes = graph_batch_sizes(max_num_seqs)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.hidden: torch.Tensor | None = None  # graph outputs, [largest size, hidden]
+        # Graph outputs for the largest size; a replay of size s fills the first s rows.
+        self.logits: torch.Tensor | None = None  # [rows, vocab]
+        self.tokens: torch.Tensor | None = None  # [rows] greedy argmax of the logits
         self.memory_bytes = 0
 
     @property
     def max_batch(self) -> int:
         return self.sizes[-1]
+
+    def padded(self, batch: int) -> int:
+        """The captured size a batch of `batch` sequences replays."""
+        return next(s for s in self.sizes if s >= batch)
+
+    def _step(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.inputs
+        meta = AttentionMetadata(x.slot_mapping[:size], x.seq_lens[:size], x.block_tables[:size])
+        logits = self.model.compute_logits(self.model(x.input_ids[:size], x.positions[:size], meta))
+        return logits, logits.argmax(dim=-1)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -50,13 +63,13 @@ class DecodeGraphs:
         before = torch.cuda.memory_reserved()
         pool = None
         for size in reversed(self.sizes):
-            meta = AttentionMetadata(x.slot_mapping[:size], x.seq_lens[:size], x.block_tables[:size])
-            out = self.model(x.input_ids[:size], x.positions[:size], meta)  # warm-up outside the capture
-            if self.hidden is None:
-                self.hidden = torch.empty_like(out)
+            logits, tokens = self._step(size)  # warm-up outside the capture
+            if self.logits is None:
+                self.logits, self.tokens = torch.empty_like(logits), torch.empty_like(tokens)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.hidden[:size] = self.model(x.input_ids[:size], x.positions[:size], meta)
+                logits, tokens = self._step(size)
+                self.logits[:size], self.tokens[:size] = logits, tokens
             pool = graph.pool()
             self.graphs[size] = graph
         torch.cuda.synchronize()
@@ -69,10 +82,7 @@ class DecodeGraphs:
         )
 
     def replay(self, batch: int) -> torch.Tensor:
-        """Runs the decode step whose inputs fill the first `batch` rows of the buffers; returns its hidden states."""
-        size = next(s for s in self.sizes if s >= batch)
-        if size > batch:  # padding rows: store nothing, attend over one token
-            self.inputs.slot_mapping[batch:size].fill_(-1)
-            self.inputs.seq_lens[batch:size].fill_(1)
-        self.graphs[size].replay()
-        return self.hidden[:batch]
+        """Runs the decode step whose inputs fill the first `padded(batch)` rows of the buffers (the padding rows
+        already set by the caller); returns its logits, and leaves its greedy tokens in `tokens[:batch]`."""
+        self.graphs[self.padded(batch)].replay()
+        return self.logits[:batch]

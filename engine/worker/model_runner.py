@@ -1,9 +1,10 @@
 """The model runner: owns the model and the KV cache tensors, turns a scheduled step into one flat forward pass.
 
-A step's tokens are concatenated without padding; each token's KV slot comes from its sequence's block table. A
-decode-only step (one token per sequence) is copied into persistent input buffers sized for max_num_seqs; on CUDA,
-unless enforce_eager, it replays a CUDA graph captured on those buffers (engine/worker/cuda_graph.py).
-Host work per step is a few list concatenations and one tensor build per input.
+A step's tokens are concatenated without padding; each token's KV slot comes from its sequence's block table. On
+CUDA, unless enforce_eager, a decode step (one new token per sequence) is written straight into pinned mirrors of
+persistent input buffers and replays a CUDA graph captured on those buffers (engine/worker/cuda_graph.py), which also
+computes the logits and their argmax: a greedy batch then costs one graph launch and one copy back per step, which
+matters at batch 1, where the host's time per step is as long as the GPU's.
 
 On CUDA the KV cache is sized by measurement, as vLLM does: weights as loaded, the peak of a profiling forward pass
 at max_num_batched_tokens (plus the sampler), memory outside torch (CUDA context), and the CUDA graphs' pool; the cache
@@ -13,6 +14,7 @@ takes what is left of gpu_memory_utilization, and never more than the plan's pre
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import torch
 
@@ -70,11 +72,12 @@ class ModelRunner:
         self.cpu_caches = self._allocate(self.num_cpu_blocks, torch.device("cpu")) if self.num_cpu_blocks else []
         for layer, (k, v) in zip(self.attn_layers, self.kv_caches, strict=True):
             layer.k_cache, layer.v_cache = k, v
-        self._decode_buffers = _DecodeBuffers(config.max_num_seqs, self.max_blocks_per_seq, self.device)
+        self._graph_logits: torch.Tensor | None = None  # this step's logits when a graph produced them
         self.graphs = None
         if self.device.type == "cuda" and not config.enforce_eager:
             from engine.worker.cuda_graph import DecodeGraphs
 
+            self._decode_buffers = _DecodeBuffers(config.max_num_seqs, self.max_blocks_per_seq, self.device)
             self.graphs = DecodeGraphs(model, self._decode_buffers, config.max_num_seqs)
             self.graphs.capture()
             self.measured["cuda_graph_bytes"] = self.graphs.memory_bytes
@@ -155,8 +158,13 @@ class ModelRunner:
         """Moves blocks (swap out, swap in, copy-on-write), runs the forward pass; returns the logits of the last
         token of each sequence in sample_seqs (those whose scheduled tokens reach the end of what they hold)."""
         self._move_blocks(step)
+        self._graph_logits = None
+        if self.graphs is not None and _is_decode(step.scheduled) and len(step.scheduled) <= self.graphs.max_batch:
+            self._prepare_decode(step.scheduled, self.graphs.padded(len(step.scheduled)))
+            self._graph_logits = self.graphs.replay(len(step.scheduled))
+            return self._graph_logits
         input_ids, positions, meta, last_rows = self._prepare(step.scheduled)
-        hidden = self._run_model(input_ids, positions, meta)
+        hidden = self.model(input_ids, positions, meta)
         sampled = {id(seq) for seq in sample_seqs}
         rows = [row for (seq, _), row in zip(step.scheduled, last_rows, strict=True) if id(seq) in sampled]
         if len(rows) < len(hidden):  # indexing by a host list waits for the GPU: a decode step (every row) skips it
@@ -164,13 +172,26 @@ class ModelRunner:
         return self.model.compute_logits(hidden)
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence], stop_ids: list[set[int]]) -> SamplerOutput:
+        """The graph already took the argmax of its logits: a batch of plain greedy rows only copies it back."""
+        if logits is self._graph_logits and not any(stop_ids) and all(_plain_greedy(seq) for seq in seqs):
+            return SamplerOutput(self.graphs.tokens[: len(seqs)].tolist(), [None] * len(seqs))
         with torch.inference_mode():
             return self.sampler(logits, seqs, stop_ids)
 
-    def _run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        if self.graphs is not None and meta.is_decode and len(input_ids) <= self.graphs.max_batch:
-            return self.graphs.replay(len(input_ids))  # its inputs are already in the persistent buffers
-        return self.model(input_ids, positions, meta)
+    def _prepare_decode(self, scheduled: list[tuple[Sequence, int]], rows: int) -> None:
+        """Fills the pinned host mirrors of the decode buffers row by row (no tensor ops: this runs every step) and
+        copies the first `rows` to the device; rows past the batch are padding that stores nothing."""
+        host, bs = self._decode_buffers.host, self.block_size
+        for i, (seq, _) in enumerate(scheduled):
+            pos = seq.num_computed_tokens
+            host.input_ids[i] = seq.token_ids[pos]
+            host.positions[i] = pos
+            host.slot_mapping[i] = seq.block_table[pos // bs] * bs + pos % bs
+            host.seq_lens[i] = pos + 1
+            host.block_tables[i, : len(seq.block_table)] = seq.block_table
+        host.slot_mapping[len(scheduled) : rows] = -1
+        host.seq_lens[len(scheduled) : rows] = 1
+        self._decode_buffers.upload(rows)
 
     def _prepare(
         self, scheduled: list[tuple[Sequence, int]]
@@ -196,13 +217,10 @@ class ModelRunner:
         last_rows = (cu_q[1:] - 1).tolist()
         ids = torch.tensor(input_ids, dtype=torch.long)
         lens = torch.tensor(seq_lens, dtype=torch.int32)
-        if len(input_ids) == len(scheduled):  # decode only
-            ids, positions, slots, lens, block_tables = self._decode_buffers.fill(
-                ids, positions, slots, lens, block_tables
-            )
-            return ids, positions, AttentionMetadata(slots, lens, block_tables), last_rows
         dev = self.device
-        meta = AttentionMetadata(slots.to(dev), lens.to(dev), block_tables.to(dev), cu_q.to(dev, torch.int32))
+        # A decode-only batch (one query per sequence) takes the decode kernel: no query offsets.
+        cu = None if len(input_ids) == len(scheduled) else cu_q.to(dev, torch.int32)
+        meta = AttentionMetadata(slots.to(dev), lens.to(dev), block_tables.to(dev), cu)
         return ids.to(dev), positions.to(dev), meta, last_rows
 
     def _move_blocks(self, step: SchedulerOutput) -> None:
@@ -235,25 +253,38 @@ def _log_predicted_vs_measured(predicted: dict[str, int], measured: dict[str, in
     logger.info("GPU memory (MiB)   predicted   measured\n%s", "\n".join(rows))
 
 
+def _is_decode(scheduled: list[tuple[Sequence, int]]) -> bool:
+    """One new token per sequence, each reaching the end of what its sequence holds."""
+    return all(n == 1 and seq.num_computed_tokens + 1 == seq.num_tokens for seq, n in scheduled)
+
+
+def _plain_greedy(seq: Sequence) -> bool:
+    params = seq.request.params
+    return params.greedy and params.logprobs is None and not params.has_penalties
+
+
 class _DecodeBuffers:
-    """Persistent decode inputs (fixed addresses, as CUDA graph replay needs); a step uses the first B rows."""
+    """Persistent decode inputs on the device (fixed addresses, as CUDA graph replay needs) and pinned host mirrors
+    (`host`, numpy views) that a step fills in place; `upload(rows)` copies the first rows of each asynchronously.
+    A mirror is not rewritten before its copy ran: the next step fills it only after reading this step's tokens."""
 
     def __init__(self, max_num_seqs: int, max_blocks: int, device: torch.device):
-        self.input_ids = torch.zeros(max_num_seqs, dtype=torch.long, device=device)
-        self.positions = torch.zeros(max_num_seqs, dtype=torch.long, device=device)
-        self.slot_mapping = torch.zeros(max_num_seqs, dtype=torch.long, device=device)
-        self.seq_lens = torch.zeros(max_num_seqs, dtype=torch.int32, device=device)
-        self.block_tables = torch.zeros(max_num_seqs, max_blocks, dtype=torch.int32, device=device)
-
-    def fill(self, *host: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        b, width = host[-1].shape
-        views = (
-            self.input_ids[:b],
-            self.positions[:b],
-            self.slot_mapping[:b],
-            self.seq_lens[:b],
-            self.block_tables[:b, :width],
+        shapes = dict(
+            input_ids=((max_num_seqs,), torch.long),
+            positions=((max_num_seqs,), torch.long),
+            slot_mapping=((max_num_seqs,), torch.long),
+            seq_lens=((max_num_seqs,), torch.int32),
+            block_tables=((max_num_seqs, max_blocks), torch.int32),
         )
-        for view, src in zip(views, host, strict=True):
-            view.copy_(src, non_blocking=True)
-        return views
+        self.host = SimpleNamespace()
+        self._pairs = []
+        for name, (shape, dtype) in shapes.items():
+            mirror = torch.zeros(shape, dtype=dtype, pin_memory=device.type == "cuda")
+            buffer = torch.zeros(shape, dtype=dtype, device=device)
+            setattr(self, name, buffer)
+            setattr(self.host, name, mirror.numpy())
+            self._pairs.append((buffer, mirror))
+
+    def upload(self, rows: int) -> None:
+        for buffer, mirror in self._pairs:
+            buffer[:rows].copy_(mirror[:rows], non_blocking=True)
