@@ -6,6 +6,14 @@ projection) as long as the last dim is contiguous, allocate their outputs, and n
 they can be captured in CUDA graphs. paged_decode_attention_triton takes a keyword-only `num_splits` (default: chosen
 from shapes) to force how many parts each context is cut into.
 
+Fused kernels for the small-batch decoder layer (5 launches a layer instead of 11):
+- fused_linear(x, weight, bias, *, norm_weight, eps, gate_up, residual): x' W^T + bias + residual, where x' is x,
+  rms_norm(x) * norm_weight, or silu_and_mul(x). Its Triton path is a GEMV for decode batches of at most 16 rows
+  (ValueError above that; use F.linear there); fused_linear_triton takes keyword-only block_n/block_k to force tiles,
+  and kernels/linear.py's _linear_config is the one place that picks them.
+- rotary_and_cache(q, k, v, positions, cos_sin_cache, key_cache, value_cache, slot_mapping, is_neox): apply_rotary
+  and write_kv_cache in one launch; returns the rotated q, the rotated k exists only in the cache.
+
 Shapes (T = tokens in a flat batch, B = sequences, H/Hkv = query/KV heads, D = head_dim):
 - KV cache per layer: key_cache and value_cache, each [num_blocks, block_size, Hkv, D].
 - slot_mapping [T] int64: block_id * block_size + offset, or -1 for a token whose KV is not stored.
@@ -16,14 +24,17 @@ Shapes (T = tokens in a flat batch, B = sequences, H/Hkv = query/KV heads, D = h
 from kernels.activation import silu_and_mul
 from kernels.attention import paged_decode_attention, paged_prefill_attention, varlen_attention
 from kernels.kv_cache import write_kv_cache
+from kernels.linear import fused_linear
 from kernels.rms_norm import rms_norm
-from kernels.rotary import apply_rotary
+from kernels.rotary import apply_rotary, rotary_and_cache
 
 __all__ = [
     "apply_rotary",
+    "fused_linear",
     "paged_decode_attention",
     "paged_prefill_attention",
     "rms_norm",
+    "rotary_and_cache",
     "silu_and_mul",
     "varlen_attention",
     "write_kv_cache",

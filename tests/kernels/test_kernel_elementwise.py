@@ -1,4 +1,4 @@
-"""Triton KV-cache write, RMSNorm, rotary and SiLU-and-mul against their torch references.
+"""Triton KV-cache write, RMSNorm, rotary (alone and with the KV-cache write) and SiLU-and-mul against their torch references.
 
 Unmarked tests call the *_triton functions at small sizes (Triton's interpreter on a CPU box, compiled on a GPU box),
 bf16 included since these kernels use no tl.dot; tests marked `gpu` go through the public functions at real sizes.
@@ -11,7 +11,7 @@ import kernels
 from kernels.activation import silu_and_mul_ref, silu_and_mul_triton
 from kernels.kv_cache import write_kv_cache_ref, write_kv_cache_triton
 from kernels.rms_norm import rms_norm_ref, rms_norm_triton
-from kernels.rotary import apply_rotary_ref, apply_rotary_triton
+from kernels.rotary import apply_rotary_ref, apply_rotary_triton, rotary_and_cache_ref, rotary_and_cache_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # One rounding of the output dtype apart (the kernels round where the references round, in float32 in between).
@@ -79,6 +79,46 @@ def test_rotary_matches_reference(dtype, is_neox, rot_dim):
     torch.testing.assert_close(out_k, ref_k, **TOLERANCE[dtype])
 
 
+def rope_cache(rot_dim, max_positions, device):
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, rot_dim, 2, dtype=torch.float32, device=device) / rot_dim))
+    angles = torch.outer(torch.arange(max_positions, dtype=torch.float32, device=device), inv_freq)
+    return torch.cat((angles.cos(), angles.sin()), dim=-1)
+
+
+def check_rotary_and_cache(fn, num_tokens, heads, head_dim, rot_dim, is_neox, dtype, device, block_size=16):
+    """q/k/v as views of one fused qkv projection, a shuffled slot mapping with skipped (-1) tokens, and caches full
+    of random values: q and the key cache match the reference to one rounding, the value cache exactly, and every
+    slot not written keeps its old value."""
+    num_heads, num_kv_heads = heads
+    qkv = randn(num_tokens, (num_heads + 2 * num_kv_heads) * head_dim, dtype=dtype, device=device)
+    q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
+    q = q.view(num_tokens, num_heads, head_dim)
+    k, v = (x.view(num_tokens, num_kv_heads, head_dim) for x in (k, v))
+    num_blocks = 2 * num_tokens // block_size + 1
+    positions = torch.randint(0, 4096, (num_tokens,), generator=torch.Generator().manual_seed(2)).to(device)
+    slots = torch.randperm(num_blocks * block_size, generator=torch.Generator().manual_seed(3))[:num_tokens]
+    slots[::3] = -1
+    cache_shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    key_cache = randn(*cache_shape, dtype=dtype, device=device, seed=4)
+    value_cache = randn(*cache_shape, dtype=dtype, device=device, seed=5)
+    expected_key, expected_value = key_cache.clone(), value_cache.clone()
+    cos_sin_cache = rope_cache(rot_dim, 4096, device)
+    args = (positions, cos_sin_cache)
+    ref_q = rotary_and_cache_ref(q, k, v, *args, expected_key, expected_value, slots.to(device), is_neox)
+    out_q = fn(q, k, v, *args, key_cache, value_cache, slots.to(device), is_neox)
+    torch.testing.assert_close(out_q, ref_q, **TOLERANCE[dtype])
+    torch.testing.assert_close(key_cache, expected_key, **TOLERANCE[dtype])
+    assert torch.equal(value_cache, expected_value)
+    assert not torch.equal(key_cache, randn(*cache_shape, dtype=dtype, device=device, seed=4))  # keys were written
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("is_neox", [True, False])
+@pytest.mark.parametrize("rot_dim", [32, 16])  # full and partial rotation
+def test_rotary_and_cache_matches_reference(dtype, is_neox, rot_dim):
+    check_rotary_and_cache(rotary_and_cache_triton, 7, (3, 2), 32, rot_dim, is_neox, dtype, DEVICE, block_size=4)
+
+
 @pytest.mark.parametrize("dtype", ELEMENTWISE_DTYPES)
 def test_silu_and_mul_matches_reference(dtype):
     x = randn(2, 3, 2 * 40, dtype=dtype) * 3
@@ -135,6 +175,15 @@ def test_gpu_rotary(dtype, is_neox, heads, head_dim, rot_dim):
     ref_q, ref_k = apply_rotary_ref(q, k, positions, cos_sin_cache, is_neox)
     torch.testing.assert_close(out_q, ref_q, **TOLERANCE[dtype])
     torch.testing.assert_close(out_k, ref_k, **TOLERANCE[dtype])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("is_neox", [True, False])
+@pytest.mark.parametrize("heads,head_dim,rot_dim", [((14, 2), 64, 64), ((9, 3), 64, 64), ((32, 8), 128, 32)])
+@pytest.mark.parametrize("num_tokens", [1, 8, 2048])  # decode batches and a prefill
+def test_gpu_rotary_and_cache(dtype, is_neox, heads, head_dim, rot_dim, num_tokens):
+    check_rotary_and_cache(kernels.rotary_and_cache, num_tokens, heads, head_dim, rot_dim, is_neox, dtype, "cuda")
 
 
 @pytest.mark.gpu
