@@ -54,21 +54,25 @@ class Attention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.k_cache is None:  # no cache bound (profiling run): attend within the batch
             out = kernels.varlen_attention(q, k, v, meta.cu_seqlens_q, self.scale, self.causal, self.sliding_window)
+            return out.flatten(1)
+        kernels.write_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        return self.attend_cached(q, meta)
+
+    def attend_cached(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """q [T, H, D] attends over the cache, which already holds this step's keys and values -> [T, H*D]."""
+        if meta.is_decode:
+            out = kernels.paged_decode_attention(
+                q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens, self.scale, self.sliding_window
+            )
         else:
-            kernels.write_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-            if meta.is_decode:
-                out = kernels.paged_decode_attention(
-                    q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens, self.scale, self.sliding_window
-                )
-            else:
-                out = kernels.paged_prefill_attention(
-                    q,
-                    self.k_cache,
-                    self.v_cache,
-                    meta.block_tables,
-                    meta.cu_seqlens_q,
-                    meta.seq_lens,
-                    self.scale,
-                    self.sliding_window,
-                )
+            out = kernels.paged_prefill_attention(
+                q,
+                self.k_cache,
+                self.v_cache,
+                meta.block_tables,
+                meta.cu_seqlens_q,
+                meta.seq_lens,
+                self.scale,
+                self.sliding_window,
+            )
         return out.flatten(1)

@@ -1,6 +1,7 @@
 """The llama family: Llama, Mistral (sliding window), Qwen2 (q/k/v biases), SmolLM2 (a Llama with tied embeddings).
 
-q/k/v and gate/up are each one fused matmul. `map_checkpoint_name` is the single place that says where an HF
+q/k/v and gate/up are each one fused matmul; batches of a few tokens on the GPU take a path of five launches per
+layer (LlamaModel.fuses). `map_checkpoint_name` is the single place that says where an HF
 checkpoint tensor goes, so a tensor-parallel loader can shard at load time.
 """
 
@@ -14,9 +15,10 @@ from torch import nn
 import kernels
 from engine.layers.attention import Attention, AttentionMetadata
 from engine.layers.embedding import LMHead, VocabEmbedding
-from engine.layers.linear import Linear
+from engine.layers.linear import Linear, UnquantizedMethod
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding, rope_parameters
+from kernels.linear import MAX_ROWS as FUSED_MAX_ROWS
 
 # Checkpoint projection name -> (fused module, shard).
 _FUSED = {
@@ -66,6 +68,30 @@ class LlamaAttention(nn.Module):
         )
         return self.o_proj(self.attn(q.flatten(1), k.flatten(1), v, meta))
 
+    def forward_fused(
+        self, positions: torch.Tensor, hidden: torch.Tensor, norm: RMSNorm, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """hidden + attention(norm(hidden)) in three launches and the attention's: the norm runs inside the q/k/v
+        projection, rotary inside the KV-cache write, the residual add inside the output projection."""
+        qkv = kernels.fused_linear(
+            hidden, self.qkv_proj.weight, self.qkv_proj.bias, norm_weight=norm.weight, eps=norm.eps
+        )
+        q, k, v = qkv.split(self.splits, dim=-1)
+        kv_shape = (-1, self.num_kv_heads, self.head_dim)
+        attn, rotary = self.attn, self.rotary
+        q = kernels.rotary_and_cache(
+            q.view(-1, self.num_heads, self.head_dim),
+            k.view(kv_shape),
+            v.view(kv_shape),
+            positions,
+            rotary.cos_sin_cache,
+            attn.k_cache,
+            attn.v_cache,
+            meta.slot_mapping,
+            rotary.is_neox,
+        )
+        return kernels.fused_linear(attn.attend_cached(q, meta), self.o_proj.weight, self.o_proj.bias, residual=hidden)
+
 
 class LlamaMLP(nn.Module):
     def __init__(self, hf_config: Any):
@@ -77,6 +103,14 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
+
+    def forward_fused(self, hidden: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+        """hidden + mlp(norm(hidden)) in two launches: the norm inside gate/up, SiLU-and-mul and the residual add
+        inside down."""
+        gate_up = kernels.fused_linear(
+            hidden, self.gate_up_proj.weight, self.gate_up_proj.bias, norm_weight=norm.weight, eps=norm.eps
+        )
+        return kernels.fused_linear(gate_up, self.down_proj.weight, self.down_proj.bias, gate_up=True, residual=hidden)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -98,6 +132,11 @@ class LlamaDecoderLayer(nn.Module):
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
+    def forward_fused(self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """The same layer for a few tokens, as five launches over the residual stream (see LlamaModel.forward)."""
+        hidden = self.self_attn.forward_fused(positions, hidden, self.input_layernorm, meta)
+        return self.mlp.forward_fused(hidden, self.post_attention_layernorm)
+
 
 class LlamaModel(nn.Module):
     def __init__(self, hf_config: Any, qkv_bias: bool):
@@ -112,10 +151,26 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         hidden, residual = self.embed_tokens(input_ids), None
+        if self.fuses(hidden):
+            for layer in self.layers:
+                hidden = layer.forward_fused(positions, hidden, meta)
+            return self.norm(hidden)
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual, meta)
         hidden, _ = self.norm(hidden, residual)
         return hidden
+
+    def fuses(self, hidden: torch.Tensor) -> bool:
+        """A batch of a few tokens on the GPU is bound by kernel launches and weight reads, not arithmetic: it takes
+        the fused path (matrix-vector kernels with the norms, activation and residual adds folded in). Needs a bound
+        KV cache (profiling runs have none) and plain weights."""
+        first = self.layers[0]
+        return (
+            hidden.is_cuda
+            and len(hidden) <= FUSED_MAX_ROWS
+            and first.self_attn.attn.k_cache is not None
+            and isinstance(first.mlp.down_proj.quant_method, UnquantizedMethod)
+        )
 
 
 class LlamaForCausalLM(nn.Module):
