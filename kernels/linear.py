@@ -56,7 +56,7 @@ def _fused_linear_kernel(
     m_mask, n_mask = offs_m < M, offs_n < N
     x_rows = x_ptr + offs_m.to(tl.int64) * stride_x
     weight_rows = weight_ptr + offs_n.to(tl.int64) * K
-    if NORM:  # every program finds the rows' RMS itself: x is a few KiB that stay in cache
+    if NORM and K > BLOCK_K:  # K takes several steps: a first pass finds each row's RMS (x is a few KiB, in cache)
         sum_sq = tl.zeros([BLOCK_M, 1, 1], tl.float32)
         for k0 in range(0, K, BLOCK_K):
             xf = tl.load(x_rows + k0 + offs_k, mask=m_mask & (k0 + offs_k < K), other=0.0).to(tl.float32)
@@ -66,17 +66,21 @@ def _fused_linear_kernel(
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + offs_k
         k_mask = ks < K
+        # The weight first: its read from memory is the long one, the prologue's math overlaps it.
+        w = tl.load(weight_rows + ks, mask=n_mask & k_mask, other=0.0)
         x = tl.load(x_rows + ks, mask=m_mask & k_mask, other=0.0)
         if NORM:
-            normed = (x.to(tl.float32) * inv_rms).to(x.dtype)
             scale = tl.load(norm_weight_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)
+            if K <= BLOCK_K:  # the whole row is in this one step
+                xf = x.to(tl.float32)
+                inv_rms = tl.rsqrt(tl.sum(xf * xf, 2, keep_dims=True) / K + eps)
+            normed = (x.to(tl.float32) * inv_rms).to(x.dtype)
             x = (normed.to(tl.float32) * scale).to(x.dtype)
         if GATE_UP:
             up = tl.load(x_rows + K + ks, mask=m_mask & k_mask, other=0.0)
             gate = x.to(tl.float32)
             silu = (gate * tl.sigmoid(gate)).to(x.dtype)
             x = (silu.to(tl.float32) * up.to(tl.float32)).to(x.dtype)
-        w = tl.load(weight_rows + ks, mask=n_mask & k_mask, other=0.0)
         acc += x.to(tl.float32) * w.to(tl.float32)
     out = tl.sum(acc, 2)
     rows = tl.arange(0, BLOCK_M)[:, None]
@@ -93,21 +97,26 @@ def _fused_linear_kernel(
 
 # Tuning knobs for _linear_config, the one place that picks tiles.
 SM_COUNT = 132  # an H100; more programs than SMs only helps, so a smaller GPU loses nothing
-PRODUCT_ELEMENTS = 8192  # float32 partial products per program: 64 registers a thread at 4 warps
-MIN_BLOCK_K, MAX_BLOCK_K = 256, 1024  # weight elements read contiguously per row per step (512 B..2 KiB in bf16)
+NUM_WARPS = 4
+PRODUCTS = 8192  # float32 partial products a program keeps, BLOCK_M * BLOCK_N * BLOCK_K: 64 registers a thread
+# Threads take 16 B of a weight row each, warps side by side along K: so x ([M, 1, K]) and weight ([1, N, K]) tiles
+# load in the same layout. Narrower steps put warps across rows, and the two layouts then differ, converted through
+# shared memory on every step.
+MIN_BLOCK_K, MAX_BLOCK_K = 8 * 32 * NUM_WARPS, 4096
 
 
-def _linear_config(m: int, n: int, k: int) -> tuple[int, int]:
-    """(BLOCK_N, BLOCK_K) for an [m, k] x [k, n] product. Decode projections are narrow (N = 576..1152 for o/down
-    on 0.5B-class models), so occupancy comes first: BLOCK_N is the largest power of two that still gives two
-    programs per SM, capped by the register budget of the widest K step; BLOCK_K then spends what is left of the
-    budget, so a lone row reads 2 KiB per weight row per step."""
+def _linear_config(m: int, n: int, k: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps) for an [m, k] x [k, n] product: BLOCK_K as wide as K if the register budget
+    allows (one step per program, and the RMSNorm prologue needs no first pass over x), then BLOCK_N from what is
+    left, halved until there are two programs per SM, since decode projections are narrow (N = 576..1152 for o/down
+    on 0.5B-class models) and a program keeps only its own reads in flight. At 16 rows even BLOCK_N = 1 takes twice
+    the budget (about 200 registers a thread), which is why MAX_ROWS is 16."""
     block_m = triton.next_power_of_2(max(m, 1))
-    block_n = min(16, max(1, PRODUCT_ELEMENTS // (block_m * MIN_BLOCK_K)))
+    block_k = min(triton.next_power_of_2(k), MAX_BLOCK_K, max(MIN_BLOCK_K, PRODUCTS // block_m))
+    block_n = min(16, max(1, PRODUCTS // (block_m * block_k)))
     while block_n > 1 and triton.cdiv(n, block_n) < 2 * SM_COUNT:
         block_n //= 2
-    block_k = min(MAX_BLOCK_K, max(MIN_BLOCK_K, PRODUCT_ELEMENTS // (block_m * block_n)), triton.next_power_of_2(k))
-    return block_n, block_k
+    return block_n, block_k, NUM_WARPS
 
 
 def _check_args(x, weight, bias, norm_weight, gate_up, residual) -> None:
@@ -137,17 +146,18 @@ def fused_linear_triton(
     residual: torch.Tensor | None = None,
     block_n: int | None = None,
     block_k: int | None = None,
+    num_warps: int | None = None,
 ) -> torch.Tensor:
     """fused_linear in one launch, for at most MAX_ROWS (16) rows. The weight must be contiguous and the last dims of
-    x and residual too; block_n/block_k (powers of two) override _linear_config's tiles."""
+    x and residual too; block_n/block_k (powers of two) and num_warps override what _linear_config picks."""
     _check_args(x, weight, bias, norm_weight, gate_up, residual)
     rows, (n, k) = x.shape[0], weight.shape
     if rows > MAX_ROWS:
         raise ValueError(f"fused_linear_triton takes at most {MAX_ROWS} rows, got {rows}")
     if not weight.is_contiguous() or x.stride(-1) != 1 or (residual is not None and residual.stride(-1) != 1):
         raise ValueError("fused_linear_triton needs a contiguous weight and x/residual with contiguous rows")
-    default_n, default_k = _linear_config(rows, n, k)
-    block_n, block_k = block_n or default_n, block_k or default_k
+    default_n, default_k, default_warps = _linear_config(rows, n, k)
+    block_n, block_k, num_warps = block_n or default_n, block_k or default_k, num_warps or default_warps
     out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     _fused_linear_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else x, norm_weight if norm_weight is not None else x,
@@ -155,7 +165,7 @@ def fused_linear_triton(
         rows, x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
         N=n, K=k, BLOCK_M=triton.next_power_of_2(max(rows, 1)), BLOCK_N=block_n, BLOCK_K=block_k,
         NORM=norm_weight is not None, GATE_UP=gate_up, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-        num_warps=4,
+        num_warps=num_warps,
     )
     return out
 
