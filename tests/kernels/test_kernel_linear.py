@@ -49,14 +49,13 @@ def test_fused_linear_matches_reference(dtype, rows, prologue, with_bias, with_r
     torch.testing.assert_close(out, ref, **TOLERANCE[dtype])
 
 
-def test_fused_linear_default_tiles_and_strided_rows():
-    """The tiles _linear_config picks, and x as a column slice of a wider tensor (rows not contiguous)."""
-    wide = randn(5, 400)
-    weight = randn(12, 300, seed=2, scale=300**-0.5)
-    norm_weight, residual = randn(300, seed=3), randn(5, 12, seed=4)
-    out = fused_linear_triton(wide[:, :300], weight, norm_weight=norm_weight, residual=residual)
-    ref = fused_linear_ref(wide[:, :300], weight, norm_weight=norm_weight, residual=residual)
-    torch.testing.assert_close(out, ref, **TOLERANCE[torch.float16])
+@pytest.mark.parametrize("prologue", [None, "norm", "gate_up"])
+def test_fused_linear_default_tiles_and_strided_rows(prologue):
+    """The tiles _linear_config picks (all of K in one step here), and x as a column slice of a wider tensor."""
+    x, weight, options = make_inputs(5, 12, 300, prologue, True, True, torch.float16)
+    strided = torch.cat((x, x[:, :7]), dim=1)[:, : x.shape[1]]
+    out = fused_linear_triton(strided, weight, **options)
+    torch.testing.assert_close(out, fused_linear_ref(x, weight, **options), **TOLERANCE[torch.float16])
 
 
 def test_fused_linear_rejects_more_rows_than_it_is_built_for():
