@@ -1,9 +1,14 @@
 """GPU microbenchmark: each Triton kernel against its torch reference (and torch SDPA for attention), in one run.
 
     python3 bench/kernels.py [--out bench/results/kernels-<gpu>.json] [--quick]
+    python3 bench/kernels.py --linear-sweep [--rows 1 2] [--out ...]
 
-Prints one row per case with the speed-up over each baseline, and for decode attention the achieved bandwidth
-(KV cache bytes read / time) as a fraction of the card's device-to-device copy bandwidth, measured in the same run.
+Prints one row per case with the speed-up over each baseline, and for decode attention and the fused small-batch
+linear layers the achieved bandwidth (KV cache or weight bytes read / time) as a fraction of the card's
+device-to-device copy bandwidth, measured in the same run. fused_linear is timed at Qwen2.5-0.5B's decode projections
+against what the model ran before it (norm or activation kernel, cuBLAS, residual add) and cuBLAS alone;
+rotary_and_cache against apply_rotary + write_kv_cache. --linear-sweep times fused_linear over a grid of tiles instead,
+and prints the best next to what kernels/linear.py's _linear_config picks (the place to put what it finds).
 Writes every number, the GPU's name and the command to JSON. Kernels that the engine runs inside CUDA graphs (and
 every baseline that can be captured) are timed as graph replays, so Python launch cost stays out of the figures;
 baselines that synchronise with the host (boolean indexing, .tolist()) are timed with events around plain calls.
@@ -36,6 +41,7 @@ from kernels.attention import (  # noqa: E402
     varlen_attention_ref,
 )
 from kernels.kv_cache import write_kv_cache_ref  # noqa: E402
+from kernels.linear import PRODUCTS, _linear_config, fused_linear_triton  # noqa: E402
 from kernels.rms_norm import rms_norm_ref  # noqa: E402
 from kernels.rotary import apply_rotary_ref  # noqa: E402
 
@@ -317,6 +323,147 @@ def elementwise_cases() -> list[Case]:
     ]
 
 
+# (name, N, K, prologue, bias, residual) for each projection of a Qwen2.5-0.5B decoder layer (hidden 896,
+# intermediate 4864, 14 heads / 2 KV heads of 64), as the small-batch layer calls fused_linear.
+QWEN_05B_PROJECTIONS = [
+    ("qkv", 1152, 896, "norm", True, False),
+    ("o", 896, 896, None, False, True),
+    ("gate_up", 9728, 896, "norm", False, False),
+    ("down", 896, 4864, "gate_up", False, True),
+]
+LINEAR_ROWS = (1, 2, 4, 8)
+EPS = 1e-6
+
+
+def linear_arg_sets(projection: tuple, rows: int) -> list[tuple[torch.Tensor, torch.Tensor, dict]]:
+    """(x, weight, options) sets, enough that the weights cycle through more than L2 holds, as a forward pass reads
+    each layer's weights from memory."""
+    _, n, k, prologue, with_bias, with_residual = projection
+
+    def randn(*shape):
+        return torch.randn(shape, device="cuda", dtype=DTYPE)
+
+    def arg_set():
+        x = randn(rows, 2 * k if prologue == "gate_up" else k)
+        options = dict(
+            bias=randn(n) if with_bias else None,
+            norm_weight=randn(k) if prologue == "norm" else None,
+            gate_up=prologue == "gate_up",
+            residual=randn(rows, n) if with_residual else None,
+        )
+        return x, randn(n, k) * k**-0.5, options
+
+    return [arg_set() for _ in range(copies(n * k * DTYPE.itemsize))]
+
+
+def unfused_linear(x, weight, bias=None, norm_weight=None, gate_up=False, residual=None):
+    """The model's path before fused_linear: the norm or activation kernel, cuBLAS, the residual add."""
+    if norm_weight is not None:
+        x = kernels.rms_norm(x, norm_weight, EPS)
+    if gate_up:
+        x = kernels.silu_and_mul(x)
+    out = F.linear(x, weight, bias)
+    return out if residual is None else out + residual
+
+
+def timed_linear(fn: Callable, arg_sets: list[tuple], budget_ms: float = 300.0, **tiles) -> float:
+    calls = [lambda x=x, w=w, o=o: fn(x, w, **o, **tiles) for x, w, o in arg_sets]
+    return time_ms(rotating(calls), graph=True, budget_ms=budget_ms)
+
+
+def fused(x, weight, **options):
+    return fused_linear_triton(x, weight, eps=EPS, **options)
+
+
+def bench_linear(projection: tuple, rows: int) -> Case:
+    name, n, k = projection[:3]
+    arg_sets = linear_arg_sets(projection, rows)
+    # cuBLAS on the projection's own input width: the GEMM the fused kernel replaces, without its neighbours.
+    gemm_only = [(x[:, :k].contiguous(), w, dict(bias=o["bias"])) for x, w, o in arg_sets]
+    return Case(
+        "fused_linear",
+        f"{name} M={rows} N={n} K={k}",
+        timed_linear(fused, arg_sets),
+        {
+            "unfused_model_path": timed_linear(unfused_linear, arg_sets),
+            "cublas_linear_only": timed_linear(F.linear, gemm_only),
+        },
+        bytes_moved=n * k * DTYPE.itemsize,
+    )
+
+
+def linear_cases(rows_list: tuple[int, ...]) -> list[Case]:
+    return [bench_linear(p, rows) for rows in rows_list for p in QWEN_05B_PROJECTIONS]
+
+
+def sweep_tiles(rows: int, k: int) -> list[tuple[int, int, int]]:
+    """(BLOCK_N, BLOCK_K, num_warps) worth timing: powers of two, at most twice the register budget per warp."""
+    block_m = 1 << (rows - 1).bit_length()
+    return [
+        (block_n, block_k, warps)
+        for warps in (4, 8)
+        for block_n in (1, 2, 4, 8, 16)
+        for block_k in (512, 1024, 2048, 4096)
+        if block_k < 2 * k and block_m * block_n * block_k <= 2 * PRODUCTS * warps // 4
+    ]
+
+
+def sweep_linear(projection: tuple, rows: int) -> dict:
+    name, n, k = projection[:3]
+    arg_sets = linear_arg_sets(projection, rows)
+    chosen = _linear_config(rows, n, k)
+    times = {}
+    for block_n, block_k, num_warps in {*sweep_tiles(rows, k), chosen}:
+        tiles = dict(block_n=block_n, block_k=block_k, num_warps=num_warps)
+        times[(block_n, block_k, num_warps)] = timed_linear(fused, arg_sets, budget_ms=30.0, **tiles)
+    best = min(times, key=times.get)
+    return {
+        "shape": f"{name} M={rows} N={n} K={k}",
+        "weight_bytes": n * k * DTYPE.itemsize,
+        "chosen": {"tiles": chosen, "ms": times[chosen]},
+        "best": {"tiles": best, "ms": times[best]},
+        "all": [{"tiles": t, "ms": ms} for t, ms in sorted(times.items(), key=lambda item: item[1])],
+    }
+
+
+def bench_rotary_and_cache(heads: tuple[int, int, int], tokens: int, block_size: int = 16) -> Case:
+    """One launch that rotates q and k and writes k and v into the paged cache, against the two launches it
+    replaces. q/k/v are views of a fused qkv projection, as in the model."""
+    num_heads, kv_heads, head_dim = heads
+    qkv_bytes = tokens * (num_heads + 2 * kv_heads) * head_dim * DTYPE.itemsize
+    angles = torch.outer(torch.arange(8192, device="cuda").float(), torch.rand(head_dim // 2, device="cuda"))
+    cos_sin = torch.cat((angles.cos(), angles.sin()), dim=-1)
+    positions = torch.randint(0, 8192, (tokens,), device="cuda")
+    cache_shape = (2 * math.ceil(tokens / block_size), block_size, kv_heads, head_dim)
+    key_cache = torch.randn(cache_shape, device="cuda", dtype=DTYPE)
+    value_cache = torch.randn_like(key_cache)
+    slots = torch.randperm(cache_shape[0] * block_size, device="cuda")[:tokens]
+    splits = [num_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
+    views = []
+    for _ in range(copies(2 * qkv_bytes)):
+        q, k, v = torch.randn(tokens, sum(splits), device="cuda", dtype=DTYPE).split(splits, dim=-1)
+        views.append((q.view(tokens, num_heads, head_dim), *(x.view(tokens, kv_heads, head_dim) for x in (k, v))))
+
+    def one_launch(q, k, v):
+        return kernels.rotary_and_cache(q, k, v, positions, cos_sin, key_cache, value_cache, slots)
+
+    def two_launches(q, k, v):
+        q, k = kernels.apply_rotary(q, k, positions, cos_sin)
+        kernels.write_kv_cache(k, v, key_cache, value_cache, slots)
+        return q
+
+    def timed(fn):
+        return time_ms(rotating([lambda a=a: fn(*a) for a in views]), graph=True)
+
+    return Case(
+        "rotary_and_cache",
+        f"T={tokens} H={num_heads}/{kv_heads} D={head_dim} bs={block_size}",
+        timed(one_launch),
+        {"apply_rotary+write_kv_cache": timed(two_launches)},
+        bytes_moved=2 * qkv_bytes,  # q, k, v read; q, k, v written
+    )
+
+
 QWEN_05B, LLAMA_8B = (14, 2, 64), (32, 8, 128)
 
 
@@ -341,13 +488,22 @@ def all_cases(quick: bool) -> list[Callable[[], Case]]:
     cases += [lambda: bench_mixed_batch(QWEN_05B, 255, 1024, 512)]
     cases += [lambda: bench_varlen(LLAMA_8B, 4, 1024, True), lambda: bench_varlen((12, 12, 32), 64, 128, False)]
     cases.append(elementwise_cases)
+    cases.append(lambda: linear_cases(LINEAR_ROWS[:1] if quick else LINEAR_ROWS))
+    cases += [lambda t=t: bench_rotary_and_cache(QWEN_05B, t) for t in (1, 8)]
+    cases.append(lambda: bench_rotary_and_cache(LLAMA_8B, 4096))
     return cases
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, help="JSON path (default bench/results/kernels-<gpu>.json)")
-    parser.add_argument("--quick", action="store_true", help="two decode shapes only")
+    parser.add_argument(
+        "--out", type=Path, help="JSON path (default bench/results/kernels[-linear-sweep]-<gpu>.json)"
+    )
+    parser.add_argument("--quick", action="store_true", help="two decode attention shapes, fused_linear at M=1 only")
+    parser.add_argument(
+        "--linear-sweep", action="store_true", help="time fused_linear over a grid of tiles instead (a few minutes)"
+    )
+    parser.add_argument("--rows", type=int, nargs="+", default=list(LINEAR_ROWS), help="M values for --linear-sweep")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/kernels.py needs a CUDA GPU")
@@ -355,17 +511,42 @@ def main() -> None:
     gpu = torch.cuda.get_device_name()
     copy_gbs = copy_bandwidth_gbs()
     print(f"{gpu}: device copy bandwidth {copy_gbs:.0f} GB/s (read + write)")
+    if args.linear_sweep:
+        run_linear_sweep(args, gpu, copy_gbs)
+        return
     cases: list[Case] = []
     for make in all_cases(args.quick):
         made = make()
         for case in made if isinstance(made, list) else [made]:
-            if case.kernel == "paged_decode_attention":
+            if case.kernel in ("paged_decode_attention", "fused_linear"):
                 case.extra["fraction_of_copy_bandwidth"] = case.gbs() / copy_gbs
             cases.append(case)
             report(case)
             torch.cuda.empty_cache()
 
-    out = args.out or Path(__file__).parent / "results" / f"kernels-{gpu.lower().replace(' ', '-')}.json"
+    cases_json = [{**asdict(c), "speedups": c.speedups(), "gbs": c.gbs() if c.bytes_moved else None} for c in cases]
+    write_record(args.out, "kernels", gpu, copy_gbs, {"cases": cases_json})
+
+
+def run_linear_sweep(args: argparse.Namespace, gpu: str, copy_gbs: float) -> None:
+    sweeps = []
+    for rows in args.rows:
+        for projection in QWEN_05B_PROJECTIONS:
+            sweep = sweep_linear(projection, rows)
+            sweeps.append(sweep)
+            chosen, best = sweep["chosen"], sweep["best"]
+            print(
+                f"{sweep['shape']:32} chosen {chosen['tiles']} {chosen['ms'] * 1e3:7.1f} us   best {best['tiles']} "
+                f"{best['ms'] * 1e3:7.1f} us ({sweep['weight_bytes'] / best['ms'] / 1e6 / copy_gbs:.0%} of copy)",
+                flush=True,
+            )
+            torch.cuda.empty_cache()
+    results = {"tiles": "(BLOCK_N, BLOCK_K, num_warps)", "sweeps": sweeps}
+    write_record(args.out, "kernels-linear-sweep", gpu, copy_gbs, results)
+
+
+def write_record(out: Path | None, stem: str, gpu: str, copy_gbs: float, results: dict) -> None:
+    out = out or Path(__file__).parent / "results" / f"{stem}-{gpu.lower().replace(' ', '-')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "command": "python3 " + " ".join(sys.argv),
@@ -374,7 +555,7 @@ def main() -> None:
         "triton": __import__("triton").__version__,
         "dtype": str(DTYPE),
         "copy_bandwidth_gbs": copy_gbs,
-        "cases": [{**asdict(c), "speedups": c.speedups(), "gbs": c.gbs() if c.bytes_moved else None} for c in cases],
+        **results,
     }
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {out}")

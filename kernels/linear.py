@@ -121,7 +121,8 @@ def _linear_config(m: int, n: int, k: int) -> tuple[int, int, int]:
 
 def _check_args(x, weight, bias, norm_weight, gate_up, residual) -> None:
     if x.dim() != 2 or weight.dim() != 2:
-        raise ValueError(f"fused_linear takes x [M, K] and weight [N, K], got {tuple(x.shape)} and {tuple(weight.shape)}")
+        shapes = f"{tuple(x.shape)} and {tuple(weight.shape)}"
+        raise ValueError(f"fused_linear takes x [M, K] and weight [N, K], got {shapes}")
     if norm_weight is not None and gate_up:
         raise ValueError("fused_linear applies either an RMSNorm or a SiLU-and-mul prologue, not both")
     (rows, width), (n, k) = x.shape, weight.shape

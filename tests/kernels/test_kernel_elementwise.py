@@ -1,4 +1,5 @@
-"""Triton KV-cache write, RMSNorm, rotary (alone and with the KV-cache write) and SiLU-and-mul against their torch references.
+"""Triton KV-cache write, RMSNorm, rotary (alone and fused with the KV-cache write) and SiLU-and-mul against their
+torch references.
 
 Unmarked tests call the *_triton functions at small sizes (Triton's interpreter on a CPU box, compiled on a GPU box),
 bf16 included since these kernels use no tl.dot; tests marked `gpu` go through the public functions at real sizes.
