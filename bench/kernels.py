@@ -1,14 +1,12 @@
 """GPU microbenchmark: each Triton kernel against its torch reference (and torch SDPA for attention), in one run.
 
     python3 bench/kernels.py [--out bench/results/kernels-<gpu>.json] [--quick]
-    python3 bench/kernels.py --linear-sweep [--rows 1 2] [--out ...]
 
 Prints one row per case with the speed-up over each baseline, and for decode attention and the fused small-batch
 linear layers the achieved bandwidth (KV cache or weight bytes read / time) as a fraction of the card's
 device-to-device copy bandwidth, measured in the same run. fused_linear is timed at Qwen2.5-0.5B's decode projections
 against what the model ran before it (norm or activation kernel, cuBLAS, residual add) and cuBLAS alone;
-rotary_and_cache against apply_rotary + write_kv_cache. --linear-sweep times fused_linear over a grid of tiles instead,
-and prints the best next to what kernels/linear.py's _linear_config picks (the place to put what it finds).
+rotary_and_cache against apply_rotary + write_kv_cache (fused_linear's tiles are swept by bench/fused_linear_tiles.py).
 Writes every number, the GPU's name and the command to JSON. Kernels that the engine runs inside CUDA graphs (and
 every baseline that can be captured) are timed as graph replays, so Python launch cost stays out of the figures;
 baselines that synchronise with the host (boolean indexing, .tolist()) are timed with events around plain calls.
@@ -41,7 +39,6 @@ from kernels.attention import (  # noqa: E402
     varlen_attention_ref,
 )
 from kernels.kv_cache import write_kv_cache_ref  # noqa: E402
-from kernels.linear import PRODUCTS, _linear_config, fused_linear_triton  # noqa: E402
 from kernels.rms_norm import rms_norm_ref  # noqa: E402
 from kernels.rotary import apply_rotary_ref  # noqa: E402
 
@@ -366,13 +363,8 @@ def unfused_linear(x, weight, bias=None, norm_weight=None, gate_up=False, residu
     return out if residual is None else out + residual
 
 
-def timed_linear(fn: Callable, arg_sets: list[tuple], budget_ms: float = 300.0, **tiles) -> float:
-    calls = [lambda x=x, w=w, o=o: fn(x, w, **o, **tiles) for x, w, o in arg_sets]
-    return time_ms(rotating(calls), graph=True, budget_ms=budget_ms)
-
-
-def fused(x, weight, **options):
-    return fused_linear_triton(x, weight, eps=EPS, **options)
+def timed_linear(fn: Callable, arg_sets: list[tuple]) -> float:
+    return time_ms(rotating([lambda x=x, w=w, o=o: fn(x, w, **o) for x, w, o in arg_sets]), graph=True)
 
 
 def bench_linear(projection: tuple, rows: int) -> Case:
@@ -383,7 +375,7 @@ def bench_linear(projection: tuple, rows: int) -> Case:
     return Case(
         "fused_linear",
         f"{name} M={rows} N={n} K={k}",
-        timed_linear(fused, arg_sets),
+        timed_linear(functools.partial(kernels.fused_linear, eps=EPS), arg_sets),
         {
             "unfused_model_path": timed_linear(unfused_linear, arg_sets),
             "cublas_linear_only": timed_linear(F.linear, gemm_only),
@@ -394,36 +386,6 @@ def bench_linear(projection: tuple, rows: int) -> Case:
 
 def linear_cases(rows_list: tuple[int, ...]) -> list[Case]:
     return [bench_linear(p, rows) for rows in rows_list for p in QWEN_05B_PROJECTIONS]
-
-
-def sweep_tiles(rows: int, k: int) -> list[tuple[int, int, int]]:
-    """(BLOCK_N, BLOCK_K, num_warps) worth timing: powers of two, at most twice the register budget per warp."""
-    block_m = 1 << (rows - 1).bit_length()
-    return [
-        (block_n, block_k, warps)
-        for warps in (4, 8)
-        for block_n in (1, 2, 4, 8, 16)
-        for block_k in (512, 1024, 2048, 4096)
-        if block_k < 2 * k and block_m * block_n * block_k <= 2 * PRODUCTS * warps // 4
-    ]
-
-
-def sweep_linear(projection: tuple, rows: int) -> dict:
-    name, n, k = projection[:3]
-    arg_sets = linear_arg_sets(projection, rows)
-    chosen = _linear_config(rows, n, k)
-    times = {}
-    for block_n, block_k, num_warps in {*sweep_tiles(rows, k), chosen}:
-        tiles = dict(block_n=block_n, block_k=block_k, num_warps=num_warps)
-        times[(block_n, block_k, num_warps)] = timed_linear(fused, arg_sets, budget_ms=30.0, **tiles)
-    best = min(times, key=times.get)
-    return {
-        "shape": f"{name} M={rows} N={n} K={k}",
-        "weight_bytes": n * k * DTYPE.itemsize,
-        "chosen": {"tiles": chosen, "ms": times[chosen]},
-        "best": {"tiles": best, "ms": times[best]},
-        "all": [{"tiles": t, "ms": ms} for t, ms in sorted(times.items(), key=lambda item: item[1])],
-    }
 
 
 def bench_rotary_and_cache(heads: tuple[int, int, int], tokens: int, block_size: int = 16) -> Case:
@@ -496,14 +458,8 @@ def all_cases(quick: bool) -> list[Callable[[], Case]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--out", type=Path, help="JSON path (default bench/results/kernels[-linear-sweep]-<gpu>.json)"
-    )
+    parser.add_argument("--out", type=Path, help="JSON path (default bench/results/kernels-<gpu>.json)")
     parser.add_argument("--quick", action="store_true", help="two decode attention shapes, fused_linear at M=1 only")
-    parser.add_argument(
-        "--linear-sweep", action="store_true", help="time fused_linear over a grid of tiles instead (a few minutes)"
-    )
-    parser.add_argument("--rows", type=int, nargs="+", default=list(LINEAR_ROWS), help="M values for --linear-sweep")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/kernels.py needs a CUDA GPU")
@@ -511,9 +467,6 @@ def main() -> None:
     gpu = torch.cuda.get_device_name()
     copy_gbs = copy_bandwidth_gbs()
     print(f"{gpu}: device copy bandwidth {copy_gbs:.0f} GB/s (read + write)")
-    if args.linear_sweep:
-        run_linear_sweep(args, gpu, copy_gbs)
-        return
     cases: list[Case] = []
     for make in all_cases(args.quick):
         made = make()
@@ -524,29 +477,7 @@ def main() -> None:
             report(case)
             torch.cuda.empty_cache()
 
-    cases_json = [{**asdict(c), "speedups": c.speedups(), "gbs": c.gbs() if c.bytes_moved else None} for c in cases]
-    write_record(args.out, "kernels", gpu, copy_gbs, {"cases": cases_json})
-
-
-def run_linear_sweep(args: argparse.Namespace, gpu: str, copy_gbs: float) -> None:
-    sweeps = []
-    for rows in args.rows:
-        for projection in QWEN_05B_PROJECTIONS:
-            sweep = sweep_linear(projection, rows)
-            sweeps.append(sweep)
-            chosen, best = sweep["chosen"], sweep["best"]
-            print(
-                f"{sweep['shape']:32} chosen {chosen['tiles']} {chosen['ms'] * 1e3:7.1f} us   best {best['tiles']} "
-                f"{best['ms'] * 1e3:7.1f} us ({sweep['weight_bytes'] / best['ms'] / 1e6 / copy_gbs:.0%} of copy)",
-                flush=True,
-            )
-            torch.cuda.empty_cache()
-    results = {"tiles": "(BLOCK_N, BLOCK_K, num_warps)", "sweeps": sweeps}
-    write_record(args.out, "kernels-linear-sweep", gpu, copy_gbs, results)
-
-
-def write_record(out: Path | None, stem: str, gpu: str, copy_gbs: float, results: dict) -> None:
-    out = out or Path(__file__).parent / "results" / f"{stem}-{gpu.lower().replace(' ', '-')}.json"
+    out = args.out or Path(__file__).parent / "results" / f"kernels-{gpu.lower().replace(' ', '-')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "command": "python3 " + " ".join(sys.argv),
@@ -555,7 +486,7 @@ def write_record(out: Path | None, stem: str, gpu: str, copy_gbs: float, results
         "triton": __import__("triton").__version__,
         "dtype": str(DTYPE),
         "copy_bandwidth_gbs": copy_gbs,
-        **results,
+        "cases": [{**asdict(c), "speedups": c.speedups(), "gbs": c.gbs() if c.bytes_moved else None} for c in cases],
     }
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {out}")
