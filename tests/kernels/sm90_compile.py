@@ -24,8 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from kernels import attention  # noqa: E402
 from kernels.activation import _silu_and_mul_kernel  # noqa: E402
 from kernels.kv_cache import _write_kv_kernel  # noqa: E402
+from kernels.linear import _fused_linear_kernel, _linear_config  # noqa: E402
 from kernels.rms_norm import _rms_norm_kernel  # noqa: E402  (kernels.rms_norm the attribute is the function)
-from kernels.rotary import _rotary_kernel  # noqa: E402
+from kernels.rotary import _rotary_cache_kernel, _rotary_kernel  # noqa: E402
 
 H100 = GPUTarget("cuda", 90, 32)
 H100_SHARED_MEMORY = 227 * 1024
@@ -109,6 +110,16 @@ def elementwise_kernels(dtype: str) -> None:
                                  IS_NEOX=is_neox)
         compile_for_h100(_rotary_kernel, dtype, {"positions_ptr": "i64", "cos_sin_ptr": "fp32"},
                          rotary_constexprs)
+        compile_for_h100(_rotary_cache_kernel, dtype,
+                         {"positions_ptr": "i64", "cos_sin_ptr": "fp32", "slot_mapping_ptr": "i64"},
+                         dict(rotary_constexprs, BLOCK_D=head_dim, BLOCK_SIZE=16))
+    # fused_linear at Qwen2.5-0.5B's qkv and down projections, with the tiles it picks for 1 and 16 rows.
+    for rows in (1, 16):
+        for n, k, norm, gate_up in [(1152, 896, True, False), (896, 4864, False, True)]:
+            block_n, block_k, num_warps = _linear_config(rows, n, k)
+            linear_constexprs = dict(N=n, K=k, BLOCK_M=rows, BLOCK_N=block_n, BLOCK_K=block_k, NORM=norm,
+                                     GATE_UP=gate_up, HAS_BIAS=norm, HAS_RESIDUAL=gate_up)
+            compile_for_h100(_fused_linear_kernel, dtype, {}, linear_constexprs, num_warps)
 
 
 def main() -> None:
