@@ -8,9 +8,10 @@ from shapes) to force how many parts each context is cut into.
 
 Fused kernels for the small-batch decoder layer (5 launches a layer instead of 11):
 - fused_linear(x, weight, bias, *, norm_weight, eps, gate_up, residual): x' W^T + bias + residual, where x' is x,
-  rms_norm(x) * norm_weight, or silu_and_mul(x). Its Triton path is a GEMV for decode batches of at most 16 rows
-  (ValueError above that; use F.linear there); fused_linear_triton takes keyword-only block_n/block_k to force tiles,
-  and kernels/linear.py's _linear_config is the one place that picks them.
+  rms_norm(x) * norm_weight, or silu_and_mul(x). Its Triton path is a GEMV for decode batches of at most 16 rows;
+  larger CUDA batches (prefills) take the reference, i.e. the separate kernels and cuBLAS. fused_linear_triton
+  (ValueError past 16 rows) takes keyword-only block_n/block_k/num_warps to force tiles; kernels/linear.py's
+  _linear_config is the one place that picks them.
 - rotary_and_cache(q, k, v, positions, cos_sin_cache, key_cache, value_cache, slot_mapping, is_neox): apply_rotary
   and write_kv_cache in one launch; returns the rotated q, the rotated k exists only in the cache.
 

@@ -181,5 +181,7 @@ def fused_linear(
     gate_up: bool = False,
     residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    fn = fused_linear_triton if x.is_cuda else fused_linear_ref
+    """The Triton GEMV for CUDA batches of at most MAX_ROWS rows; the reference (cuBLAS and the separate kernels on a
+    GPU) for CPU tensors and larger batches, such as prefills, where a tensor-core GEMM wins."""
+    fn = fused_linear_triton if x.is_cuda and x.shape[0] <= MAX_ROWS else fused_linear_ref
     return fn(x, weight, bias, norm_weight=norm_weight, eps=eps, gate_up=gate_up, residual=residual)

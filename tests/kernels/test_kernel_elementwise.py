@@ -98,7 +98,7 @@ def check_rotary_and_cache(fn, num_tokens, heads, head_dim, rot_dim, is_neox, dt
     num_blocks = 2 * num_tokens // block_size + 1
     positions = torch.randint(0, 4096, (num_tokens,), generator=torch.Generator().manual_seed(2)).to(device)
     slots = torch.randperm(num_blocks * block_size, generator=torch.Generator().manual_seed(3))[:num_tokens]
-    slots[::3] = -1
+    slots[1::3] = -1  # token 0 is always stored, even in a batch of one
     cache_shape = (num_blocks, block_size, num_kv_heads, head_dim)
     key_cache = randn(*cache_shape, dtype=dtype, device=device, seed=4)
     value_cache = randn(*cache_shape, dtype=dtype, device=device, seed=5)
