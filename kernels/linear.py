@@ -99,8 +99,8 @@ def _fused_linear_kernel(
 SM_COUNT = 132  # an H100; more programs than SMs only helps, so a smaller GPU loses nothing
 NUM_WARPS = 4
 PRODUCTS = 8192  # float32 partial products a program keeps, BLOCK_M * BLOCK_N * BLOCK_K: 64 registers a thread
-# Threads take 16 B of a weight row each, warps side by side along K: so x ([M, 1, K]) and weight ([1, N, K]) tiles
-# load in the same layout. Narrower steps put warps across rows, and the two layouts then differ, converted through
+# Threads take 16 B (8 bf16) of a weight row each, warps side by side along K, so x ([M, 1, K]) and weight ([1, N, K])
+# tiles load in the same layout. Narrower steps put warps across rows, and the two layouts then differ, converted through
 # shared memory on every step.
 MIN_BLOCK_K, MAX_BLOCK_K = 8 * 32 * NUM_WARPS, 4096
 
