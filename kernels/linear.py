@@ -95,28 +95,34 @@ def _fused_linear_kernel(
     tl.store(out_ptr + rows * stride_o + cols, out, mask=out_mask)
 
 
-# Tuning knobs for _linear_config, the one place that picks tiles.
-SM_COUNT = 132  # an H100; more programs than SMs only helps, so a smaller GPU loses nothing
-NUM_WARPS = 4
-PRODUCTS = 8192  # float32 partial products a program keeps, BLOCK_M * BLOCK_N * BLOCK_K: 64 registers a thread
+# Tuning knobs for _linear_config, the one place that picks tiles (bench/fused_linear_tiles.py sweeps them on a GPU).
+SM_COUNT = 132  # an H100 or H200
+PRODUCTS_PER_WARP = 2048  # float32 partial products (BLOCK_M * BLOCK_N * BLOCK_K) per warp: 64 registers a thread
 # Threads take 16 B (8 bf16) of a weight row each, warps side by side along K, so x ([M, 1, K]) and weight ([1, N, K])
 # tiles load in the same layout. Narrower steps put warps across rows, and the two layouts then differ, converted through
 # shared memory on every step.
-MIN_BLOCK_K, MAX_BLOCK_K = 8 * 32 * NUM_WARPS, 4096
+MIN_BLOCK_K, MAX_BLOCK_K = 8 * 32 * 4, 4096
 
 
 def _linear_config(m: int, n: int, k: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps) for an [m, k] x [k, n] product: BLOCK_K as wide as K if the register budget
-    allows (one step per program, and the RMSNorm prologue needs no first pass over x), then BLOCK_N from what is
-    left, halved until there are two programs per SM, since decode projections are narrow (N = 576..1152 for o/down
-    on 0.5B-class models) and a program keeps only its own reads in flight. At 16 rows even BLOCK_N = 1 takes twice
-    the budget (about 200 registers a thread), which is why MAX_ROWS is 16."""
+    """(BLOCK_N, BLOCK_K, num_warps) for an [m, k] x [k, n] product.
+
+    BLOCK_K is as wide as K if 4 warps' register budget allows: one step per program, and the RMSNorm prologue needs
+    no first pass over x. Steps of 2048 or more take 8 warps. BLOCK_N takes what is left of the budget, halved until
+    every SM has a program: decode projections are narrow (N = 576..1152 for o/down on 0.5B-class models).
+
+    From the sweep on an H200 at M = 1 (bench/results/fused-linear-tiles-h200.json, top five tiles per projection):
+    this picks the best tiles for both down projections (Qwen2.5-0.5B: 6.5 us, was 8.3 us with 4 warps and two
+    programs per SM) and SmolLM2's qkv, tiles within 8% of the best for Qwen2.5-0.5B's qkv, o and gate_up and
+    SmolLM2's gate_up, and for SmolLM2's o tiles outside the recorded five. Larger M is unmeasured. At 16 rows even
+    BLOCK_N = 1 takes twice the budget (up to 255 registers a thread): hence MAX_ROWS."""
     block_m = triton.next_power_of_2(max(m, 1))
-    block_k = min(triton.next_power_of_2(k), MAX_BLOCK_K, max(MIN_BLOCK_K, PRODUCTS // block_m))
-    block_n = min(16, max(1, PRODUCTS // (block_m * block_k)))
-    while block_n > 1 and triton.cdiv(n, block_n) < 2 * SM_COUNT:
+    block_k = min(triton.next_power_of_2(k), MAX_BLOCK_K, max(MIN_BLOCK_K, PRODUCTS_PER_WARP * 4 // block_m))
+    num_warps = 8 if block_k >= 2048 else 4
+    block_n = min(16, max(1, PRODUCTS_PER_WARP * num_warps // (block_m * block_k)))
+    while block_n > 1 and triton.cdiv(n, block_n) < SM_COUNT:
         block_n //= 2
-    return block_n, block_k, NUM_WARPS
+    return block_n, block_k, num_warps
 
 
 def _check_args(x, weight, bias, norm_weight, gate_up, residual) -> None:
