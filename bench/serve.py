@@ -5,11 +5,14 @@ keeps, on the same model, engine settings and workload, measured in the same run
 
 1. Offline: `LLM.generate` on all prompts at once (the engine's best case), before and after the server run.
 2. Server: `python -m engine.server` with the offline run's exact EngineConfig; `--concurrency` clients send streaming
-   /v1/completions requests (random token-id prompts, `ignore_eos`, greedy) and time every chunk.
+   /v1/completions requests (random token-id prompts, `ignore_eos`, greedy) over aiohttp, as vLLM's benchmark does,
+   and time every chunk.
+Each of the three runs draws its own random prompts of the same lengths: a run repeating another's prompts would find
+their blocks in the prefix cache and skip part of its prefill (half of it at 32-token prompts).
 Prints TTFT, TPOT and ITL (mean / median / p99), requests/s, output tokens/s, and server / offline throughput, and
 records them with the command in bench/results/. On a shared host wall-clock throughput swings with other load, so
-each side's CPU time is recorded too (the server process's, the offline engine's): tokens per CPU second is the
-figure that background load does not move.
+each side's CPU time is recorded too (the server process's, the offline engine's, the client's): tokens per CPU second
+is the figure that background load does not move.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiohttp
 import httpx
 import psutil
 
@@ -53,15 +57,17 @@ def random_prompts(count: int, length: int, vocab_size: int, seed: int) -> list[
 
 
 def offline_engine(args: argparse.Namespace):
-    """The offline engine, warmed up, and the benchmark's prompts."""
+    """The offline engine, warmed up, and one prompt set per run (offline before, server, offline after)."""
     from engine import LLM, SamplingParams
 
     llm = LLM(
         args.model, max_model_len=args.max_model_len, max_num_seqs=args.concurrency, hardware=args.hardware, seed=0
     )
-    prompts = random_prompts(args.num_prompts, args.input_len, len(llm.get_tokenizer()), args.seed)
-    llm.generate([{"prompt_token_ids": prompts[0]}], SamplingParams(max_tokens=4), use_tqdm=False)
-    return llm, prompts
+    vocab_size = len(llm.get_tokenizer())
+    prompt_sets = [random_prompts(args.num_prompts, args.input_len, vocab_size, args.seed + run) for run in range(3)]
+    warm_up = random_prompts(1, 8, vocab_size, args.seed - 1)[0]
+    llm.generate([{"prompt_token_ids": warm_up}], SamplingParams(max_tokens=4), use_tqdm=False)
+    return llm, prompt_sets, warm_up
 
 
 def run_offline(llm, prompts: list[list[int]], output_len: int) -> dict:
@@ -115,7 +121,7 @@ class RequestTiming:
         return [b - a for a, b in zip(self.chunk_times, self.chunk_times[1:], strict=False)]
 
 
-async def _one_request(client: httpx.AsyncClient, prompt: list[int], output_len: int) -> RequestTiming:
+async def _one_request(session: aiohttp.ClientSession, prompt: list[int], output_len: int) -> RequestTiming:
     body = {
         "prompt": prompt,
         "max_tokens": output_len,
@@ -125,12 +131,12 @@ async def _one_request(client: httpx.AsyncClient, prompt: list[int], output_len:
         "stream_options": {"include_usage": True},
     }
     timing = RequestTiming(time.perf_counter())
-    async with client.stream("POST", "/v1/completions", json=body) as response:
+    async with session.post("/v1/completions", json=body) as response:
         response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
+        async for line in response.content:  # one SSE line at a time
+            if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
                 continue
-            chunk = json.loads(line.removeprefix("data: "))
+            chunk = json.loads(line[6:])
             if chunk.get("usage"):
                 timing.output_tokens = chunk["usage"]["completion_tokens"]
             if chunk["choices"] and chunk["choices"][0]["text"]:
@@ -138,25 +144,39 @@ async def _one_request(client: httpx.AsyncClient, prompt: list[int], output_len:
     return timing
 
 
+@dataclass
+class LoadResult:
+    elapsed_s: float
+    server_cpu_s: float
+    client_cpu_s: float
+    timings: list[RequestTiming]
+
+
 async def _load(
-    url: str, prompts: list[list[int]], output_len: int, concurrency: int, server: psutil.Process
-) -> tuple[float, float, list]:
-    """(wall seconds, server CPU seconds, per-request timings) of the whole load, after a warm-up request."""
+    url: str, prompts: list[list[int]], warm_up: list[int], output_len: int, concurrency: int, server: psutil.Process
+) -> LoadResult:
+    """The whole load, after a warm-up request, timed on the wall and in both processes' CPU seconds."""
     limit = asyncio.Semaphore(concurrency)
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=None, limits=limits) as client:
-        await _one_request(client, prompts[0][:8], 4)  # warm-up
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    timeout = aiohttp.ClientTimeout(total=None)
+    async with aiohttp.ClientSession(url, connector=connector, timeout=timeout) as session:
+        await _one_request(session, warm_up, 4)
 
         async def bounded(prompt: list[int]) -> RequestTiming:
             async with limit:
-                return await _one_request(client, prompt, output_len)
+                return await _one_request(session, prompt, output_len)
 
-        start, cpu_start = time.perf_counter(), _cpu_seconds(server)
+        start, server_cpu, client_cpu = time.perf_counter(), _cpu_seconds(server), time.process_time()
         timings = await asyncio.gather(*(bounded(p) for p in prompts))
-        return time.perf_counter() - start, _cpu_seconds(server) - cpu_start, timings
+        return LoadResult(
+            time.perf_counter() - start,
+            _cpu_seconds(server) - server_cpu,
+            time.process_time() - client_cpu,
+            timings,
+        )
 
 
-def run_server(args: argparse.Namespace, config_json: str, prompts: list[list[int]]) -> dict:
+def run_server(args: argparse.Namespace, config_json: str, prompts: list[list[int]], warm_up: list[int]) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -173,20 +193,22 @@ def run_server(args: argparse.Namespace, config_json: str, prompts: list[list[in
         try:
             url = f"http://127.0.0.1:{port}"
             _wait_healthy(url, server, Path(folder) / "server.log")
-            load = _load(url, prompts, args.output_len, args.concurrency, psutil.Process(server.pid))
-            elapsed, cpu, timings = asyncio.run(load)
+            server_process = psutil.Process(server.pid)
+            load = asyncio.run(_load(url, prompts, warm_up, args.output_len, args.concurrency, server_process))
         finally:
             server.terminate()
             server.wait(timeout=60)
             log.close()
+    timings = load.timings
     output_tokens = sum(t.output_tokens for t in timings)
     return {
-        "elapsed_s": elapsed,
-        "cpu_s": cpu,
-        "output_tokens_per_cpu_s": output_tokens / cpu,
-        "requests_per_s": len(prompts) / elapsed,
+        "elapsed_s": load.elapsed_s,
+        "cpu_s": load.server_cpu_s,
+        "client_cpu_s": load.client_cpu_s,
+        "output_tokens_per_cpu_s": output_tokens / load.server_cpu_s,
+        "requests_per_s": len(prompts) / load.elapsed_s,
         "output_tokens": output_tokens,
-        "output_tokens_per_s": output_tokens / elapsed,
+        "output_tokens_per_s": output_tokens / load.elapsed_s,
         "ttft_s": _summary([t.ttft for t in timings]),
         "tpot_s": _summary([t.tpot for t in timings if t.tpot is not None]),
         "itl_s": _summary([itl for t in timings for itl in t.itls]),
@@ -239,12 +261,12 @@ def main() -> None:
     args.model = args.model or default_model()
 
     load_average_before = os.getloadavg()
-    llm, prompts = offline_engine(args)
+    llm, (offline_before, server_prompts, offline_after), warm_up = offline_engine(args)
     config_json = llm.config.to_json()
     # Offline runs before and after the server run, so a change in background load shows instead of skewing the ratio.
-    offline_runs = [run_offline(llm, prompts, args.output_len)]
-    server = run_server(args, config_json, prompts)
-    offline_runs.append(run_offline(llm, prompts, args.output_len))
+    offline_runs = [run_offline(llm, offline_before, args.output_len)]
+    server = run_server(args, config_json, server_prompts, warm_up)
+    offline_runs.append(run_offline(llm, offline_after, args.output_len))
     offline = {key: statistics.fmean(run[key] for run in offline_runs) for key in offline_runs[0]}
     ratio = server["output_tokens_per_s"] / offline["output_tokens_per_s"]
     cpu_ratio = server["output_tokens_per_cpu_s"] / offline["output_tokens_per_cpu_s"]
@@ -258,6 +280,9 @@ def main() -> None:
         print(
             f"{key:24}mean {s['mean'] * 1000:8.1f} ms  median {s['median'] * 1000:8.1f} ms  p99 {s['p99'] * 1000:8.1f} ms"
         )
+    print(
+        f"CPU seconds: offline {offline['cpu_s']:.1f}, server {server['cpu_s']:.1f}, client {server['client_cpu_s']:.1f}"
+    )
     print(f"server / offline output throughput: {ratio:.3f} (goal >= 0.9); per CPU second: {cpu_ratio:.3f}")
 
     record = {

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -36,6 +37,11 @@ from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 
 __all__ = ["AsyncEngine", "EngineDeadError", "InvalidPromptError"]
+
+# Arrival coalescing at an idle engine (see AsyncEngine._gather_arrivals).
+ARRIVAL_GAP_FRACTION = 0.25  # of a recent step: how long to wait for the next request of a burst
+MAX_ARRIVAL_GAP_S = 0.05
+STEP_TIME_SMOOTHING = 0.2  # weight of the latest step in the running step time
 
 
 class EngineDeadError(RuntimeError):
@@ -51,6 +57,7 @@ class AsyncEngine:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stats = self.engine.stats()
         self._error: BaseException | None = None
+        self._step_seconds = 0.0  # running average of a step's wall time (0 until one has run)
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
 
@@ -109,14 +116,26 @@ class AsyncEngine:
 
     def _run(self) -> None:
         try:
-            while self._handle_commands(block=not self.engine.has_unfinished_requests()):
+            while True:
+                idle = not self.engine.has_unfinished_requests()
+                if not self._handle_commands(block=idle):
+                    return
+                if idle and self.engine.has_unfinished_requests() and not self._gather_arrivals():
+                    return
+                started = time.monotonic()
                 outputs = self.engine.step()
+                if outputs:
+                    self._time_step(time.monotonic() - started)
                 self._stats = self.engine.stats()  # before publishing, so a finished stream sees its counts
-                self._publish(outputs)
+                self._publish([(output.request_id, output) for output in outputs])
         except BaseException as error:  # noqa: BLE001 - reported to every waiting caller
             self._error = error
-            for loop, outputs in list(self._streams.values()):
-                loop.call_soon_threadsafe(outputs.put_nowait, error)
+            self._publish([(request_id, error) for request_id in list(self._streams)])
+
+    def _time_step(self, seconds: float) -> None:
+        if self._step_seconds:
+            seconds = self._step_seconds + STEP_TIME_SMOOTHING * (seconds - self._step_seconds)
+        self._step_seconds = seconds
 
     def _handle_commands(self, block: bool) -> bool:
         """Applies queued adds and aborts (waiting for one when idle); False once asked to stop."""
@@ -126,26 +145,57 @@ class AsyncEngine:
             except queue.Empty:
                 return True
             block = False
-            if command == "stop":
+            if not self._apply(command, arg):
                 return False
-            if command == "add":
-                request_id, text, params, token_ids = arg
-                try:
-                    self.engine.add_request(request_id, text, params, prompt_token_ids=token_ids)
-                except ValueError as error:  # e.g. the id of a request whose abort is still queued
-                    self._publish_to(request_id, error)
-            elif command == "abort":
-                output = self.engine.abort_request(arg)
-                self._stats = self.engine.stats()
-                if output is not None:
-                    self._publish([output])
 
-    def _publish(self, outputs: list[RequestOutput]) -> None:
-        for output in outputs:
-            self._publish_to(output.request_id, output)
+    def _gather_arrivals(self) -> bool:
+        """Work just reached an idle engine: keeps taking requests while they keep coming, so that a burst of clients
+        starts in one batch rather than as a one-request step that the rest then wait behind. Each wait for the next
+        arrival lasts at most ARRIVAL_GAP_FRACTION of a recent step (and MAX_ARRIVAL_GAP_S), so a lone request
+        starts that much later at most; the whole burst waits no longer than one step. False once asked to stop."""
+        gap = min(MAX_ARRIVAL_GAP_S, ARRIVAL_GAP_FRACTION * self._step_seconds)
+        deadline = time.monotonic() + self._step_seconds
+        while len(self.engine.requests) < self.config.max_num_seqs:
+            timeout = min(gap, deadline - time.monotonic())
+            if timeout <= 0:
+                return True
+            try:
+                command, arg = self._commands.get(timeout=timeout)
+            except queue.Empty:
+                return True
+            if not self._apply(command, arg):
+                return False
+        return True
 
-    def _publish_to(self, request_id: str, item: RequestOutput | BaseException) -> None:
-        stream = self._streams.get(request_id)
-        if stream is not None:
-            loop, outputs = stream
-            loop.call_soon_threadsafe(outputs.put_nowait, item)
+    def _apply(self, command: str, arg: Any) -> bool:
+        if command == "stop":
+            return False
+        if command == "add":
+            request_id, text, params, token_ids = arg
+            try:
+                self.engine.add_request(request_id, text, params, prompt_token_ids=token_ids)
+            except ValueError as error:  # e.g. the id of a request whose abort is still queued
+                self._publish([(request_id, error)])
+        elif command == "abort":
+            output = self.engine.abort_request(arg)
+            self._stats = self.engine.stats()
+            if output is not None:
+                self._publish([(arg, output)])
+        return True
+
+    def _publish(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
+        """Hands outputs (or errors) to their streams with one wake-up per event loop, not one per output: a step
+        of 64 streams is one callback on the server's loop."""
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
+        for request_id, item in items:
+            stream = self._streams.get(request_id)
+            if stream is not None:
+                loop, outputs = stream
+                batches.setdefault(loop, []).append((outputs, item))
+        for loop, batch in batches.items():
+            loop.call_soon_threadsafe(_deliver, batch)
+
+
+def _deliver(batch: list[tuple[asyncio.Queue, Any]]) -> None:
+    for outputs, item in batch:
+        outputs.put_nowait(item)

@@ -32,8 +32,8 @@ from engine.server.state import APIError, ServerState, error_response, server_st
 logger = logging.getLogger("engine.server")
 
 
-def _check_api_key(request: Request) -> None:
-    expected = server_state(request).api_key
+async def _check_api_key(request: Request) -> None:
+    expected = (await server_state(request)).api_key
     if expected is None:
         return
     scheme, _, supplied = request.headers.get("authorization", "").partition(" ")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import anyio
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel
 
 from engine.outputs import CompletionOutput, Logprob, RequestOutput
 from engine.sampling_params import SamplingParams, SamplingParamsError
@@ -85,11 +86,8 @@ async def create_completion(
         return CompletionChoice(index=delta.index, text=text, logprobs=logprobs, finish_reason=delta.finish_reason)
 
     if body.stream:
-
-        def chunk(choices: list[CompletionChoice], usage: UsageInfo | None) -> CompletionResponse:
-            return CompletionResponse(id=request_id, model=state.model_name, choices=choices, usage=usage)
-
-        return _sse(_stream(jobs, body.n, choice, chunk, _include_usage(body)))
+        envelope = CompletionResponse(id=request_id, model=state.model_name, choices=[])
+        return _sse(_stream(jobs, body.n, choice, envelope, _include_usage(body)))
     finals = await _until_disconnected(raw, _final_outputs(jobs))
     if finals is None:
         return Response(status_code=499)
@@ -121,12 +119,8 @@ async def create_chat_completion(
                 index=delta.index, delta=message, logprobs=logprobs(delta), finish_reason=delta.finish_reason
             )
 
-        def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None) -> ChatCompletionChunk:
-            return ChatCompletionChunk(
-                id=request_id, created=created, model=state.model_name, choices=choices, usage=usage
-            )
-
-        return _sse(_stream(jobs, body.n, choice, chunk, _include_usage(body)))
+        envelope = ChatCompletionChunk(id=request_id, created=created, model=state.model_name, choices=[])
+        return _sse(_stream(jobs, body.n, choice, envelope, _include_usage(body)))
     finals = await _until_disconnected(raw, _final_outputs(jobs))
     if finals is None:
         return Response(status_code=499)
@@ -307,10 +301,15 @@ class _Progress:
 async def _stream(
     jobs: list[_Job],
     n: int,
-    make_choice: Callable[[int, _Delta], object],
-    make_chunk: Callable[[list, UsageInfo | None], object],
+    make_choice: Callable[[int, _Delta], BaseModel],
+    envelope: CompletionResponse | ChatCompletionChunk,
     include_usage: bool,
 ) -> AsyncIterator[str]:
+    """SSE events: one chunk per choice that gained text, then the usage chunk if asked for, then [DONE]. Every chunk
+    is `envelope` (id, model, created: the same for the whole stream) around its choices, so the envelope is
+    serialised once and each event serialises only its choice."""
+    head, _, tail = _event(envelope).partition('"choices":[]')
+    head, tail = head + '"choices":[', "]" + tail
     progress, finals = _Progress(), [None] * len(jobs)
     try:
         async with contextlib.aclosing(_merged(jobs)) as outputs:
@@ -319,15 +318,15 @@ async def _stream(
                 for completion in output.outputs:
                     delta = progress.delta(job_index * n + completion.index, completion)
                     if delta is not None:
-                        yield _event(make_chunk([make_choice(job_index, delta)], None))
+                        yield head + make_choice(job_index, delta).model_dump_json(exclude_none=True) + tail
         if include_usage:
-            yield _event(make_chunk([], _usage(jobs, finals)))
+            yield _event(envelope.model_copy(update={"usage": _usage(jobs, finals)}))
     except ValueError as error:  # the engine refused the request after the stream began
         yield f"data: {error_body(400, str(error)).model_dump_json()}\n\n"
     yield "data: [DONE]\n\n"
 
 
-def _event(chunk) -> str:
+def _event(chunk: BaseModel) -> str:
     return f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
 
 

@@ -63,27 +63,28 @@ class ServerMetrics:
             label + ["finished_reason"],
             registry=self.registry,
         )
+        # The histograms have one label value: their children are taken once here, not looked up per token.
         self.time_to_first_token = Histogram(
             "vllm:time_to_first_token_seconds",
             "Seconds from arrival to the first generated token.",
             label,
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
-        )
+        ).labels(model_name)
         self.inter_token_latency = Histogram(
             "vllm:inter_token_latency_seconds",
             "Seconds between consecutive generated tokens.",
             label,
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
-        )
+        ).labels(model_name)
         self.e2e_request_latency = Histogram(
             "vllm:e2e_request_latency_seconds",
             "Seconds from arrival to the last token.",
             label,
             buckets=_E2E_BUCKETS,
             registry=self.registry,
-        )
+        ).labels(model_name)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -104,18 +105,16 @@ class RequestTimer:
         if count <= 0:
             return
         now = time.monotonic()
-        name = self.metrics.model_name
         if not self.first_token_seen:
             self.first_token_seen = True
-            self.metrics.time_to_first_token.labels(name).observe(now - self.arrival)
+            self.metrics.time_to_first_token.observe(now - self.arrival)
             self.last = now
             count -= 1
         gap = (now - self.last) / max(count, 1)  # tokens arriving together share the interval
         for _ in range(count):
-            self.metrics.inter_token_latency.labels(name).observe(gap)
+            self.metrics.inter_token_latency.observe(gap)
         self.last = now
 
     def finished(self, reason: str) -> None:
-        name = self.metrics.model_name
-        self.metrics.request_success.labels(name, reason).inc()
-        self.metrics.e2e_request_latency.labels(name).observe(time.monotonic() - self.arrival)
+        self.metrics.request_success.labels(self.metrics.model_name, reason).inc()
+        self.metrics.e2e_request_latency.observe(time.monotonic() - self.arrival)
