@@ -1,6 +1,6 @@
 """The llama family: Llama, Mistral (sliding window), Qwen2 (q/k/v biases), SmolLM2 (a Llama with tied embeddings).
 
-q/k/v and gate/up are each one fused matmul; batches of a few tokens on the GPU take a path of five launches per
+q/k/v and gate/up are each one fused matmul; a step of one or two tokens on the GPU takes a path of five launches per
 layer (LlamaModel.fuses). `map_checkpoint_name` is the single place that says where an HF
 checkpoint tensor goes, so a tensor-parallel loader can shard at load time.
 """
@@ -18,7 +18,11 @@ from engine.layers.embedding import LMHead, VocabEmbedding
 from engine.layers.linear import Linear, UnquantizedMethod
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding, rope_parameters
-from kernels.linear import MAX_ROWS as FUSED_MAX_ROWS
+
+# The most tokens a step may have to take the fused path. Measured on an H200 (bench/results/kernels-h200.json): at 1-2
+# rows the fused matrix-vector kernels beat the unfused path on every Qwen2.5-0.5B projection; at 4 rows cuBLAS wins
+# gate/up and down by 1.2-1.7x.
+FUSED_MAX_TOKENS = 2
 
 # Checkpoint projection name -> (fused module, shard).
 _FUSED = {
@@ -167,7 +171,7 @@ class LlamaModel(nn.Module):
         first = self.layers[0]
         return (
             hidden.is_cuda
-            and len(hidden) <= FUSED_MAX_ROWS
+            and len(hidden) <= FUSED_MAX_TOKENS
             and first.self_attn.attn.k_cache is not None
             and isinstance(first.mlp.down_proj.quant_method, UnquantizedMethod)
         )
