@@ -3,16 +3,16 @@ keeps, on the same model, engine settings and workload, measured in the same run
 
     python -m bench.serve --num-prompts 64 --concurrency 64 --input-len 32 --output-len 32   # from the repo root
 
-1. Offline: `LLM.generate` on all prompts at once (the engine's best case), before and after the server run.
-2. Server: `python -m engine.server` with the offline run's exact EngineConfig; `--concurrency` clients send streaming
-   /v1/completions requests (random token-id prompts, `ignore_eos`, greedy) over aiohttp, as vLLM's benchmark does,
-   and time every chunk.
-Each of the three runs draws its own random prompts of the same lengths: a run repeating another's prompts would find
-their blocks in the prefix cache and skip part of its prefill (half of it at 32-token prompts).
-Prints TTFT, TPOT and ITL (mean / median / p99), requests/s, output tokens/s, and server / offline throughput, and
-records them with the command in bench/results/. On a shared host wall-clock throughput swings with other load, so
-each side's CPU time is recorded too (the server process's, the offline engine's, the client's): tokens per CPU second
-is the figure that background load does not move.
+1. Offline: `LLM.generate` on all prompts at once (the engine's best case).
+2. Server: `python -m engine.server` with the offline engine's exact EngineConfig; `--concurrency` clients send
+   streaming /v1/completions requests (random token-id prompts, `ignore_eos`, greedy) over aiohttp, as vLLM's
+   benchmark does, and time every chunk.
+The two alternate `--repeats` times against one server process and each side keeps its best run: on a shared host
+other load comes and goes within minutes. Every run draws its own random prompts of the same lengths: a run repeating
+another's prompts would find their blocks in the prefix cache and skip part of its prefill (half of it at 32-token
+prompts). Prints TTFT, TPOT and ITL (mean / median / p99), requests/s, output tokens/s, and server / offline
+throughput, and records them with the command in bench/results/. Each side's CPU time is recorded too (the server
+process's, the offline engine's, the client's).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
+import itertools
 import json
 import os
 import platform
@@ -31,7 +32,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,17 +60,19 @@ def random_prompts(count: int, length: int, vocab_size: int, seed: int) -> list[
 
 
 def offline_engine(args: argparse.Namespace):
-    """The offline engine, warmed up, and one prompt set per run (offline before, server, offline after)."""
+    """The offline engine, warmed up, and its vocabulary size."""
     from engine import LLM, SamplingParams
 
     llm = LLM(
         args.model, max_model_len=args.max_model_len, max_num_seqs=args.concurrency, hardware=args.hardware, seed=0
     )
     vocab_size = len(llm.get_tokenizer())
-    prompt_sets = [random_prompts(args.num_prompts, args.input_len, vocab_size, args.seed + run) for run in range(3)]
-    warm_up = random_prompts(1, 8, vocab_size, args.seed - 1)[0]
-    llm.generate([{"prompt_token_ids": warm_up}], SamplingParams(max_tokens=4), use_tqdm=False)
-    return llm, prompt_sets, warm_up
+    llm.generate([{"prompt_token_ids": warm_up_prompt(vocab_size)}], SamplingParams(max_tokens=4), use_tqdm=False)
+    return llm, vocab_size
+
+
+def warm_up_prompt(vocab_size: int) -> list[int]:
+    return random_prompts(1, 8, vocab_size, seed=-1)[0]
 
 
 def run_offline(llm, prompts: list[list[int]], output_len: int) -> dict:
@@ -176,7 +181,9 @@ async def _load(
         )
 
 
-def run_server(args: argparse.Namespace, config_json: str, prompts: list[list[int]], warm_up: list[int]) -> dict:
+@contextmanager
+def running_server(config_json: str) -> Iterator[tuple[str, psutil.Process]]:
+    """`python -m engine.server` on `config_json`, healthy: (its URL, its process)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -193,12 +200,17 @@ def run_server(args: argparse.Namespace, config_json: str, prompts: list[list[in
         try:
             url = f"http://127.0.0.1:{port}"
             _wait_healthy(url, server, Path(folder) / "server.log")
-            server_process = psutil.Process(server.pid)
-            load = asyncio.run(_load(url, prompts, warm_up, args.output_len, args.concurrency, server_process))
+            yield url, psutil.Process(server.pid)
         finally:
             server.terminate()
             server.wait(timeout=60)
             log.close()
+
+
+def run_server(
+    args: argparse.Namespace, url: str, server: psutil.Process, prompts: list[list[int]], warm_up: list[int]
+) -> dict:
+    load = asyncio.run(_load(url, prompts, warm_up, args.output_len, args.concurrency, server))
     timings = load.timings
     output_tokens = sum(t.output_tokens for t in timings)
     return {
@@ -234,6 +246,10 @@ def _cpu_seconds(process: psutil.Process) -> float:
     return times.user + times.system
 
 
+def _best(runs: list[dict]) -> dict:
+    return max(runs, key=lambda run: run["output_tokens_per_s"])
+
+
 def _summary(values: list[float]) -> dict:
     ordered = sorted(values)
     return {
@@ -256,18 +272,25 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--max-model-len", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="offline and server runs, alternated; each keeps its best"
+    )
     parser.add_argument("--result", default=None, help="JSON output (default: bench/results/serve_<device>.json)")
     args = parser.parse_args()
     args.model = args.model or default_model()
 
     load_average_before = os.getloadavg()
-    llm, (offline_before, server_prompts, offline_after), warm_up = offline_engine(args)
+    llm, vocab_size = offline_engine(args)
     config_json = llm.config.to_json()
-    # Offline runs before and after the server run, so a change in background load shows instead of skewing the ratio.
-    offline_runs = [run_offline(llm, offline_before, args.output_len)]
-    server = run_server(args, config_json, server_prompts, warm_up)
-    offline_runs.append(run_offline(llm, offline_after, args.output_len))
-    offline = {key: statistics.fmean(run[key] for run in offline_runs) for key in offline_runs[0]}
+    prompt_sets = (
+        random_prompts(args.num_prompts, args.input_len, vocab_size, args.seed + i) for i in itertools.count()
+    )
+    offline_runs, server_runs = [], []
+    with running_server(config_json) as (url, server_process):
+        for _ in range(args.repeats):
+            offline_runs.append(run_offline(llm, next(prompt_sets), args.output_len))
+            server_runs.append(run_server(args, url, server_process, next(prompt_sets), warm_up_prompt(vocab_size)))
+    offline, server = _best(offline_runs), _best(server_runs)
     ratio = server["output_tokens_per_s"] / offline["output_tokens_per_s"]
     cpu_ratio = server["output_tokens_per_cpu_s"] / offline["output_tokens_per_cpu_s"]
     device = json.loads(config_json)["device"]
@@ -297,11 +320,13 @@ def main() -> None:
             "input_len": args.input_len,
             "output_len": args.output_len,
             "seed": args.seed,
+            "repeats": args.repeats,
         },
         "engine_config": json.loads(config_json),
         "offline": offline,
         "offline_runs": offline_runs,
         "server": server,
+        "server_runs": server_runs,
         "server_over_offline_throughput": ratio,
         "server_over_offline_throughput_per_cpu_s": cpu_ratio,
     }

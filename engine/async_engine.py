@@ -17,6 +17,8 @@ requests and read outputs through queues, so a model step never blocks the event
   than max_model_len — the message names both counts —, unknown token ids), `SamplingParamsError` (ValueError, names
   the field) when params are built, `ValueError` for a duplicate request id. Map them to HTTP 400.
 - A generator closed early (client disconnect) aborts its request.
+- Requests reaching an idle engine in a burst start as one batch: the loop waits for the rest of the burst, briefly
+  (a lone request at most MAX_ARRIVAL_GAP_S). Each step's outputs reach an event loop in one callback.
 - If the engine loop dies, every open and later request raises `EngineDeadError` (a RuntimeError).
 - `stats()` returns the EngineStats snapshot taken after the latest step (running / waiting counts, KV cache usage,
   prompt / generation token totals, preemptions, prefix cache queries / hits).
@@ -38,9 +40,10 @@ from engine.sampling_params import SamplingParams
 
 __all__ = ["AsyncEngine", "EngineDeadError", "InvalidPromptError"]
 
-# Arrival coalescing at an idle engine (see AsyncEngine._gather_arrivals).
-ARRIVAL_GAP_FRACTION = 0.25  # of a recent step: how long to wait for the next request of a burst
-MAX_ARRIVAL_GAP_S = 0.05
+# Arrival coalescing at an idle engine (AsyncEngine._gather_arrivals), timed in recent steps' wall time.
+ARRIVAL_GAP_STEPS = 0.25  # how long to wait for the next request of a burst ...
+MAX_ARRIVAL_GAP_S = 0.05  # ... at most: a lone request starts no later than this
+ARRIVAL_WINDOW_STEPS = 1.0  # a whole burst waits no longer than a late arrival would have waited for a step
 STEP_TIME_SMOOTHING = 0.2  # weight of the latest step in the running step time
 
 
@@ -150,11 +153,12 @@ class AsyncEngine:
 
     def _gather_arrivals(self) -> bool:
         """Work just reached an idle engine: keeps taking requests while they keep coming, so that a burst of clients
-        starts in one batch rather than as a one-request step that the rest then wait behind. Each wait for the next
-        arrival lasts at most ARRIVAL_GAP_FRACTION of a recent step (and MAX_ARRIVAL_GAP_S), so a lone request
-        starts that much later at most; the whole burst waits no longer than one step. False once asked to stop."""
-        gap = min(MAX_ARRIVAL_GAP_S, ARRIVAL_GAP_FRACTION * self._step_seconds)
-        deadline = time.monotonic() + self._step_seconds
+        starts as one batch rather than as a one-request step that the rest then wait behind (on CPU that step cost
+        as much as a 64-sequence decode step). Stops at the first gap of ARRIVAL_GAP_STEPS of a step (at most
+        MAX_ARRIVAL_GAP_S: all a lone request loses), after ARRIVAL_WINDOW_STEPS, or at max_num_seqs requests.
+        False once asked to stop."""
+        gap = min(MAX_ARRIVAL_GAP_S, ARRIVAL_GAP_STEPS * self._step_seconds)
+        deadline = time.monotonic() + ARRIVAL_WINDOW_STEPS * self._step_seconds
         while len(self.engine.requests) < self.config.max_num_seqs:
             timeout = min(gap, deadline - time.monotonic())
             if timeout <= 0:
