@@ -118,5 +118,5 @@ class ServerState:
 
 async def server_state(request: Request) -> ServerState:
     """FastAPI dependency: the state of the app serving `request` (async, as every dependency here: FastAPI runs a
-    plain `def` dependency on its thread pool, a round trip per request that cost a burst of 64 requests 0.35 s)."""
+    plain `def` dependency on its thread pool, a round trip per request that delayed a burst of 64 by about 0.1 s)."""
     return request.app.state.server
