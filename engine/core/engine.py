@@ -60,11 +60,14 @@ class LLMEngine:
     def from_config(cls, config: EngineConfig) -> LLMEngine:
         import torch
 
+        from engine.layers.linear import process_weights_after_loading
         from engine.loader import load_hf_config, load_model, load_tokenizer
 
         torch.manual_seed(config.seed)
         hf_config = load_hf_config(config)
-        return cls(config, load_tokenizer(config), load_model(config, hf_config))
+        model = load_model(config, hf_config)
+        process_weights_after_loading(model)  # e.g. oneDNN's weight layout on the CPU
+        return cls(config, load_tokenizer(config), model)
 
     # -- requests ------------------------------------------------------------------------------------------------
 

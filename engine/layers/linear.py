@@ -1,7 +1,12 @@
 """Linear layers. Each owns its parameters through a `quant_method` (create the weights, apply them), so quantized
 formats slot in as new methods without touching the models, and each parameter carries a `weight_loader` that
 places a checkpoint tensor into it: fused layers (q/k/v, gate/up) take one shard at a time, which is also where a
-tensor-parallel rank will later slice its part."""
+tensor-parallel rank will later slice its part.
+
+After loading, `process_weights_after_loading` lets each method prepare its weights for the device. On the CPU the
+plain method moves float32 weights into oneDNN's blocked layout: a decode step streams every weight from memory, and
+oneDNN reads that layout much faster than MKL reads a plain matrix at decode batch sizes (SmolLM2-135M, 16 rows, AVX2,
+2 threads: 97 -> 58 ms of GEMMs a step). Same float32 arithmetic in another summation order (~1e-6 relative)."""
 
 from __future__ import annotations
 
@@ -20,18 +25,54 @@ class WeightShapeError(ValueError):
 class QuantMethod(Protocol):
     def create_weights(self, layer: Linear, in_features: int, out_features: int, bias: bool) -> None: ...
 
+    def process_weights_after_loading(self, layer: Linear) -> None: ...
+
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor: ...
 
 
 class UnquantizedMethod:
-    """Plain dense weights in the model dtype."""
+    """Plain dense weights in the model dtype; on the CPU, float32 ones end up in oneDNN's layout."""
 
     def create_weights(self, layer: Linear, in_features: int, out_features: int, bias: bool) -> None:
         layer.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         layer.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
+    def process_weights_after_loading(self, layer: Linear) -> None:
+        if onednn_packs(layer.weight):  # the plain copy is given up: memory stays the same
+            layer.weight = nn.Parameter(onednn_pack(layer.weight), requires_grad=False)
+
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, layer.weight, layer.bias)
+        return dense_linear(x, layer.weight, layer.bias)
+
+
+def onednn_packs(weight: torch.Tensor) -> bool:
+    """Whether `weight` is a plain float32 CPU matrix that onednn_pack can take."""
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype == torch.float32
+        and not weight.is_mkldnn
+        and torch.backends.mkldnn.is_available()
+    )
+
+
+def onednn_pack(weight: torch.Tensor) -> torch.Tensor:
+    """weight [N, K] -> the same values in the blocked layout oneDNN picks for batches of 16 rows. It serves any row
+    count; measured on decode steps, hints of 16 and up give the same speed and a hint of 1 a slower layout."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight, 16)
+
+
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ weight^T + bias, for a plain weight or one from onednn_pack."""
+    if weight.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+def process_weights_after_loading(model: nn.Module) -> None:
+    """Lets every layer that has the hook (Linear layers, the LM head) prepare its loaded weights for its device."""
+    for module in model.modules():
+        if hasattr(module, "process_weights_after_loading"):
+            module.process_weights_after_loading()
 
 
 class Linear(nn.Module):
@@ -68,6 +109,9 @@ class Linear(nn.Module):
         if target.shape != loaded.shape:
             raise WeightShapeError(f"expected shape {tuple(target.shape)}, got {tuple(loaded.shape)}")
         target.copy_(loaded)
+
+    def process_weights_after_loading(self) -> None:
+        self.quant_method.process_weights_after_loading(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.quant_method.apply(self, x)
