@@ -15,7 +15,7 @@ from engine.async_engine import AsyncEngine
 MAX_NUM_SEQS = 4
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def engine(tiny_llama_dir):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model is all synchronisation with more threads
