@@ -1,13 +1,18 @@
 """Offline throughput, in the style of `vllm bench throughput`: N random prompts, input and output lengths (EOS
 ignored), our engine and transformers' `generate` on the same model in the same run.
 
-    python3 bench/throughput.py --num-prompts 32 --input-len 64 --output-len 64 [--range-ratio 0.5]
+    python3 bench/throughput.py --num-prompts 64 --hf-batch-size 16 --input-len 64 --output-len 64 [--range-ratio 0.5]
 
 With --range-ratio r, lengths are drawn uniformly from [len * (1 - r), len * (1 + r)] per request (vLLM's random
-dataset). transformers then runs static batches of --hf-batch-size as vLLM's `hf` backend does: prompts left-padded,
-every row generating the batch's longest output; only the requested tokens count. Each side runs --repeats times,
-alternating, and its best run counts (other work on the machine then skews both alike). Prints requests/s, output
-tokens/s and total tokens/s for both and the ratio; --output-json records them with the command that produced them.
+dataset). transformers runs static batches of --hf-batch-size as vLLM's `hf` backend does: prompts left-padded,
+every row generating the batch's longest output; only the requested tokens count. Our engine gets every request at
+once, as `vllm bench throughput` hands them over, and runs twice: limited to transformers' batch
+(max_num_seqs = --hf-batch-size: the same-batch comparison) and with the engine's own max_num_seqs (its default for
+the hardware, or --max-num-seqs: what continuous batching adds). Each run goes through `LLM.generate` with default
+settings except those named in the output (max_num_seqs; max_model_len fitted to the requests; no prefix caching,
+so repeats cannot reuse the previous run's prompts). Each side runs --repeats times, alternating, and its best run
+counts (other work on the machine then skews all alike). Prints requests/s, output tokens/s and total tokens/s and
+the ratios; --output-json records them with the command that produced them and the machine's load average.
 """
 
 from __future__ import annotations
@@ -45,7 +50,10 @@ def random_requests(args: argparse.Namespace, vocab: int) -> tuple[list[list[int
     return prompts, [length(args.output_len) for _ in prompts]
 
 
-def ours(args: argparse.Namespace, prompts: list[list[int]], output_lens: list[int]) -> Callable[[], float]:
+def ours(
+    args: argparse.Namespace, prompts: list[list[int]], output_lens: list[int], max_num_seqs: int | None
+) -> tuple[Callable[[], float], int]:
+    """A timed `LLM.generate` over every request, and the max_num_seqs the engine runs with (None: its default)."""
     from engine import LLM, SamplingParams
 
     llm = LLM(
@@ -53,7 +61,7 @@ def ours(args: argparse.Namespace, prompts: list[list[int]], output_lens: list[i
         dtype=args.dtype,
         device=args.device,
         max_model_len=max(len(p) + n for p, n in zip(prompts, output_lens, strict=True)) + 1,
-        max_num_seqs=args.hf_batch_size,  # the same concurrency as transformers' batches
+        max_num_seqs=max_num_seqs,
         enable_prefix_caching=False,  # repeats must not reuse the previous run's prompts
         seed=args.seed,
     )
@@ -67,7 +75,7 @@ def ours(args: argparse.Namespace, prompts: list[list[int]], output_lens: list[i
         assert [len(o.outputs[0].token_ids) for o in outputs] == output_lens
         return elapsed
 
-    return run
+    return run, llm.config.max_num_seqs
 
 
 def transformers(args: argparse.Namespace, prompts: list[list[int]], output_lens: list[int]) -> Callable[[], float]:
@@ -126,6 +134,9 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--range-ratio", type=float, default=0.0, help="spread of lengths around their means")
     parser.add_argument("--hf-batch-size", type=int, default=None, help="transformers batch (default: all prompts)")
+    parser.add_argument(
+        "--max-num-seqs", type=int, default=None, help="our engine's second run (default: its own default)"
+    )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -147,21 +158,37 @@ def main() -> None:
     vocab = len(load_tokenizer(EngineConfig(model=args.model)))
     prompts, output_lens = random_requests(args, vocab)
     load_before = os.getloadavg()[0]
-    runs = {"vdeploy": ours(args, prompts, output_lens), "transformers": transformers(args, prompts, output_lens)}
+    engine_run, seqs = ours(args, prompts, output_lens, args.max_num_seqs)
+    default = "" if args.max_num_seqs else ", the engine's default"
+    if seqs == args.hf_batch_size:
+        runs = {f"vdeploy max_num_seqs={seqs} (same batch{default})": engine_run}
+    else:
+        same_batch, _ = ours(args, prompts, output_lens, args.hf_batch_size)
+        runs = {
+            f"vdeploy max_num_seqs={args.hf_batch_size} (same batch)": same_batch,
+            f"vdeploy max_num_seqs={seqs}{default}": engine_run,
+        }
+    runs[f"transformers batch={args.hf_batch_size}"] = transformers(args, prompts, output_lens)
     times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(args.repeats):  # alternating, so both see the same drift in the machine's other load
+    for _ in range(args.repeats):  # alternating, so all see the same drift in the machine's other load
         for name, run in runs.items():
             times[name].append(run())
     results = {
         name: {**summary(min(t), prompts, output_lens), "all_s": [round(x, 2) for x in t]} for name, t in times.items()
     }
-    ratio = results["vdeploy"]["output_tokens_per_s"] / results["transformers"]["output_tokens_per_s"]
+    *ours_names, baseline = results
+    ratios = {
+        name: round(results[name]["output_tokens_per_s"] / results[baseline]["output_tokens_per_s"], 3)
+        for name in ours_names
+    }
+    width = max(map(len, results))
     for name, r in results.items():
         print(
-            f"{name:>12}: {r['requests_per_s']:.2f} requests/s, {r['output_tokens_per_s']:.1f} output tokens/s, "
+            f"{name:>{width}}: {r['requests_per_s']:.2f} requests/s, {r['output_tokens_per_s']:.1f} output tokens/s, "
             f"{r['total_tokens_per_s']:.1f} total tokens/s ({r['elapsed_s']:.1f} s)"
         )
-    print(f"vdeploy / transformers (output tokens/s): {ratio:.2f}x")
+    for name, ratio in ratios.items():
+        print(f"{name} / {baseline} (output tokens/s): {ratio:.2f}x")
     if args.output_json:
         record = {
             "command": shlex.join(["python3", *sys.argv]),
@@ -171,7 +198,7 @@ def main() -> None:
             "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}",
             "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # before, after: other work
             "results": results,
-            "ratio_output_tokens_per_s": round(ratio, 3),
+            "ratio_output_tokens_per_s": ratios,  # each of our runs over transformers
         }
         args.output_json.parent.mkdir(parents=True, exist_ok=True)
         args.output_json.write_text(json.dumps(record, indent=2) + "\n")
