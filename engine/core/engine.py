@@ -7,13 +7,14 @@ applies stop conditions and returns a cumulative RequestOutput for every request
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from engine.config import EngineConfig
 from engine.core.kv_cache import KVCacheManager
-from engine.core.scheduler import Scheduler
-from engine.core.sequence import Request, Sequence
+from engine.core.scheduler import Scheduler, SchedulerOutput
+from engine.core.sequence import PENDING_TOKEN, Request, Sequence
 from engine.outputs import Logprob, RequestOutput
 from engine.sampling_params import SamplingParams
 
@@ -55,6 +56,7 @@ class LLMEngine:
         self.eos_token_ids = _eos_token_ids(tokenizer, model)
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self._in_flight: _InFlight | None = None  # a decode step launched ahead, its tokens not yet taken
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:
@@ -125,22 +127,32 @@ class LLMEngine:
     # -- the loop ------------------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        if self._in_flight is not None and not self._in_flight_continues():
+            return self._land()  # the batch changes: its tokens are needed before scheduling
         step = self.scheduler.schedule()
         if not step.scheduled:
-            return []
+            return self._land() if self._in_flight is not None else []
         sampling = [seq for seq, n in step.scheduled if seq.num_computed_tokens + n == seq.num_tokens]
+        if self._in_flight is not None or self._may_run_ahead(step, sampling):
+            return self._run_ahead(step, sampling)
         logits = self.runner.execute(step, sampling)
         self.scheduler.update(step)
         sample_seqs, rows = self._fork_new_completions(sampling)
         if len(rows) != len(sampling):  # forked children read their parent's row
             logits = logits[rows]
         out = self.runner.sample(logits, sample_seqs, [self._early_stop_ids(s) for s in sample_seqs])
+        return self._take_samples(sample_seqs, out.token_ids, out.logprobs)
+
+    def _take_samples(
+        self, seqs: list[Sequence], token_ids: list[int], logprobs: list[list[tuple[int, float, int]] | None]
+    ) -> list[RequestOutput]:
+        """Appends each sequence's new token, applies stop conditions; returns the progressed requests' outputs."""
         now = time.time()
         progressed: dict[str, Request] = {}
-        for seq, token, logprobs in zip(sample_seqs, out.token_ids, out.logprobs, strict=True):
-            self._append(seq, token, logprobs)
+        for seq, token, token_logprobs in zip(seqs, token_ids, logprobs, strict=True):
+            self._append(seq, token, token_logprobs)
             progressed[seq.request.request_id] = seq.request
-        self.generation_tokens_total += len(sample_seqs)
+        self.generation_tokens_total += len(seqs)
         outputs = []
         for request in progressed.values():
             metrics = request.metrics
@@ -153,6 +165,59 @@ class LLMEngine:
                 metrics.finished_time = now
                 del self.requests[request.request_id]
             outputs.append(request.output())
+        return outputs
+
+    # -- running one decode step ahead ---------------------------------------------------------------------------
+    # At batch 1 the host's work per step (scheduling, detokenising, stop checks) is as long as the GPU's forward
+    # pass. A plain greedy decode batch therefore launches its next step before taking this step's tokens: the
+    # graph feeds its own argmax back as the next input on the device, each sequence holds a PENDING_TOKEN for the
+    # token in flight, and the host takes (lands) a step's tokens while the GPU runs the next one. A sequence that
+    # stops wastes its row of the step already in flight; any change of batch lands first (vLLM's async scheduling).
+
+    def _may_run_ahead(self, step: SchedulerOutput, sampling: list[Sequence]) -> bool:
+        return (
+            len(sampling) == len(step.scheduled)
+            and self.runner.can_run_ahead(step)
+            and all(_plain_greedy(seq) and not self._early_stop_ids(seq) for seq in sampling)
+        )
+
+    def _in_flight_continues(self) -> bool:
+        """Whether the next step would decode exactly the sequences in flight, in their order, without preempting."""
+        scheduler = self.scheduler
+        return (
+            not scheduler.waiting
+            and not scheduler.swapped
+            and scheduler.running == self._in_flight.seqs
+            and self.kv.num_free_blocks >= len(scheduler.running)
+        )
+
+    def _run_ahead(self, step: SchedulerOutput, sampling: list[Sequence]) -> list[RequestOutput]:
+        """Launches the decode step (inputs from the step in flight, if any), then lands the step in flight."""
+        tokens = self.runner.launch_decode(step, inputs_on_device=self._in_flight is not None)
+        self.scheduler.update(step)
+        flight = _InFlight(sampling, [seq.num_tokens for seq in sampling], tokens)
+        for seq in sampling:
+            seq.token_ids.append(PENDING_TOKEN)
+        outputs = self._land() if self._in_flight is not None else []
+        self._in_flight = flight
+        return outputs
+
+    def _land(self) -> list[RequestOutput]:
+        """Takes the in-flight step's tokens as a regular step takes its samples. Tokens behind them (the next step's
+        pending ones) are set aside meanwhile, and dropped for a sequence that stops."""
+        flight, self._in_flight = self._in_flight, None
+        seqs, tokens, later = [], [], {}
+        for seq, position, token in zip(flight.seqs, flight.positions, flight.tokens(), strict=True):
+            if seq.finished:  # stopped or aborted while its step was in flight
+                continue
+            later[seq] = seq.token_ids[position + 1 :]
+            del seq.token_ids[position:]
+            seqs.append(seq)
+            tokens.append(token)
+        outputs = self._take_samples(seqs, tokens, [None] * len(seqs))
+        for seq, pending in later.items():
+            if not seq.finished:
+                seq.token_ids += pending
         return outputs
 
     def _fork_new_completions(self, sampling: list[Sequence]) -> tuple[list[Sequence], list[int]]:
@@ -230,6 +295,19 @@ class LLMEngine:
             prefix_cache_queries_total=self.kv.prefix_queries,
             prefix_cache_hits_total=self.kv.prefix_hits,
         )
+
+
+@dataclass
+class _InFlight:
+    seqs: list[Sequence]  # in the order of the step's rows
+    positions: list[int]  # where each sequence's pending token sits in its token_ids
+    tokens: Callable[[], list[int]]  # waits for the step and returns its tokens
+
+
+def _plain_greedy(seq: Sequence) -> bool:
+    """Argmax, nothing else: no logprobs, penalties or forks (what a decode graph computes by itself)."""
+    params = seq.request.params
+    return params.greedy and params.logprobs is None and not params.has_penalties and params.n == 1
 
 
 def _eos_token_ids(tokenizer: Any, model: Any) -> set[int]:

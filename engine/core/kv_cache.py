@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from engine.core.sequence import Sequence
+from engine.core.sequence import PENDING_TOKEN, Sequence
 
 
 @dataclass
@@ -57,8 +57,10 @@ class KVCacheManager:
         bs = self.block_size
         hashes = seq.block_hashes
         for i in range(len(hashes), num_tokens // bs):
-            parent = hashes[-1] if hashes else None
-            hashes.append(hash((parent, tuple(seq.token_ids[i * bs : (i + 1) * bs]))))
+            block = tuple(seq.token_ids[i * bs : (i + 1) * bs])
+            if PENDING_TOKEN in block:  # named once the step computing it has landed
+                break
+            hashes.append(hash((hashes[-1] if hashes else None, block)))
         return hashes[: num_tokens // bs]
 
     def computed_blocks(self, seq: Sequence) -> list[int]:

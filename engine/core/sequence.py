@@ -24,6 +24,7 @@ class SeqStatus(enum.Enum):
 
 
 _seq_ids = itertools.count()
+PENDING_TOKEN = -1  # stands for a token a launched step is still computing (LLMEngine's run-ahead)
 
 
 class Sequence:

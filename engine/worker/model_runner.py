@@ -14,6 +14,7 @@ takes what is left of gpu_memory_utilization, and never more than the plan's pre
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import torch
@@ -79,6 +80,8 @@ class ModelRunner:
 
             self._decode_buffers = _DecodeBuffers(config.max_num_seqs, self.max_blocks_per_seq, self.device)
             self.graphs = DecodeGraphs(model, self._decode_buffers, config.max_num_seqs)
+            self._token_slots = [torch.zeros(config.max_num_seqs, dtype=torch.long, pin_memory=True) for _ in range(2)]
+            self._launches = 0
             self.graphs.capture()
             self.measured["cuda_graph_bytes"] = self.graphs.memory_bytes
         if self.device.type == "cuda":
@@ -159,7 +162,7 @@ class ModelRunner:
         token of each sequence in sample_seqs (those whose scheduled tokens reach the end of what they hold)."""
         self._move_blocks(step)
         self._graph_logits = None
-        if self.graphs is not None and _is_decode(step.scheduled) and len(step.scheduled) <= self.graphs.max_batch:
+        if self.can_run_ahead(step):
             self._prepare_decode(step.scheduled, self.graphs.padded(len(step.scheduled)))
             self._graph_logits = self.graphs.replay(len(step.scheduled))
             return self._graph_logits
@@ -170,6 +173,33 @@ class ModelRunner:
         if len(rows) < len(hidden):  # indexing by a host list waits for the GPU: a decode step (every row) skips it
             hidden = hidden[rows]
         return self.model.compute_logits(hidden)
+
+    def can_run_ahead(self, step: SchedulerOutput) -> bool:
+        """Whether `step` is a decode step a captured graph runs (what launch_decode takes)."""
+        return self.graphs is not None and _is_decode(step.scheduled) and len(step.scheduled) <= self.graphs.max_batch
+
+    @torch.inference_mode()
+    def launch_decode(self, step: SchedulerOutput, inputs_on_device: bool) -> Callable[[], list[int]]:
+        """Launches a decode step through its graph without waiting for it; returns a function that waits for the
+        step and returns its greedy tokens. With `inputs_on_device`, the input tokens are the previous launch's
+        (the sequences and their order are the same), which the host does not know yet."""
+        batch = len(step.scheduled)
+        self._prepare_decode(step.scheduled, self.graphs.padded(batch))
+        if inputs_on_device:
+            self._decode_buffers.input_ids[:batch].copy_(self.graphs.tokens[:batch])
+        self.graphs.replay(batch)
+        # Two launches can be outstanding (one landing while the next runs): alternate two pinned slots.
+        slot = self._token_slots[self._launches % 2]
+        self._launches += 1
+        slot[:batch].copy_(self.graphs.tokens[:batch], non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+
+        def tokens() -> list[int]:
+            done.synchronize()
+            return slot[:batch].tolist()
+
+        return tokens
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence], stop_ids: list[set[int]]) -> SamplerOutput:
         """The graph already took the argmax of its logits: a batch of plain greedy rows only copies it back."""
@@ -266,7 +296,8 @@ def _plain_greedy(seq: Sequence) -> bool:
 class _DecodeBuffers:
     """Persistent decode inputs on the device (fixed addresses, as CUDA graph replay needs) and pinned host mirrors
     (`host`, numpy views) that a step fills in place; `upload(rows)` copies the first rows of each asynchronously.
-    A mirror is not rewritten before its copy ran: the next step fills it only after reading this step's tokens."""
+    The mirrors come in two sets used in turn: a step launched ahead fills one while the previous step's upload may
+    still be queued behind the GPU's work, reading the other."""
 
     def __init__(self, max_num_seqs: int, max_blocks: int, device: torch.device):
         shapes = dict(
@@ -276,15 +307,21 @@ class _DecodeBuffers:
             seq_lens=((max_num_seqs,), torch.int32),
             block_tables=((max_num_seqs, max_blocks), torch.int32),
         )
-        self.host = SimpleNamespace()
-        self._pairs = []
         for name, (shape, dtype) in shapes.items():
-            mirror = torch.zeros(shape, dtype=dtype, pin_memory=device.type == "cuda")
-            buffer = torch.zeros(shape, dtype=dtype, device=device)
-            setattr(self, name, buffer)
-            setattr(self.host, name, mirror.numpy())
-            self._pairs.append((buffer, mirror))
+            setattr(self, name, torch.zeros(shape, dtype=dtype, device=device))
+        self._mirrors = [
+            {name: torch.zeros(shape, dtype=dtype, pin_memory=True) for name, (shape, dtype) in shapes.items()}
+            for _ in range(2)
+        ]
+        self._views = [SimpleNamespace(**{name: t.numpy() for name, t in set_.items()}) for set_ in self._mirrors]
+        self._uploads = 0
+
+    @property
+    def host(self) -> SimpleNamespace:
+        """The mirror set the next step fills."""
+        return self._views[self._uploads % 2]
 
     def upload(self, rows: int) -> None:
-        for buffer, mirror in self._pairs:
-            buffer[:rows].copy_(mirror[:rows], non_blocking=True)
+        for name, mirror in self._mirrors[self._uploads % 2].items():
+            getattr(self, name)[:rows].copy_(mirror[:rows], non_blocking=True)
+        self._uploads += 1

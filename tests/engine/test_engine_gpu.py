@@ -64,3 +64,52 @@ def test_startup_measures_memory_within_the_plan(tiny_llama_dir):
     assert set(measured) >= {"weights_bytes", "activation_bytes", "overhead_bytes", "kv_cache_bytes"}
     assert measured["kv_cache_bytes"] <= predicted["kv_cache_bytes"]
     assert measured["weights_bytes"] > 0
+
+
+def test_run_ahead_decode_gives_eager_outputs(tiny_llama_dir):
+    """Plain greedy decode runs one step ahead of the host (tokens land a step late). Requests that stop at different
+    steps (length, a stop token, a stop string), one that may not stop yet (min_tokens, so its batch runs in lock
+    step) and an abandoned stream give exactly what eager execution gives, and every KV block comes back."""
+    import torch
+
+    from engine import LLM, SamplingParams
+
+    def run(**kwargs):
+        llm = LLM(str(tiny_llama_dir), dtype="float32", gpu_memory_utilization=0.2, max_model_len=256, **kwargs)
+        engine = llm.llm_engine
+        launches = []
+        if engine.runner.graphs is not None:
+            launch = engine.runner.launch_decode
+            engine.runner.launch_decode = lambda *a, **k: launches.append(1) or launch(*a, **k)
+        base = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True), use_tqdm=False)
+        ids, text = base[0].outputs[0].token_ids, base[1].outputs[0].text
+        stop_token = next(t for i, t in enumerate(ids) if i >= 5 and t not in ids[:i])  # first seen mid-run
+        stop_text = next(text[i : i + 3] for i in range(8, len(text)) if text.find(text[i : i + 3]) == i)
+        params = [
+            SamplingParams(temperature=0, max_tokens=5, ignore_eos=True),
+            SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[stop_token], ignore_eos=True),
+            SamplingParams(temperature=0, max_tokens=30, stop=[stop_text], ignore_eos=True),
+            SamplingParams(temperature=0, max_tokens=17, min_tokens=12),
+        ]
+        outputs = llm.generate([PROMPTS[0], PROMPTS[0], PROMPTS[1], PROMPTS[2]], params, use_tqdm=False)
+        stream = llm.stream(PROMPTS, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+        for _ in range(10):
+            next(stream)
+        stream.close()  # aborts the rest mid-flight
+        again = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
+        free = engine.kv.num_free_blocks == engine.runner.num_blocks
+        result = [
+            [(c.token_ids, c.text, c.finish_reason) for o in batch for c in o.outputs]
+            for batch in (base, outputs, again)
+        ]
+        del llm, engine
+        gc.collect()
+        torch.cuda.empty_cache()
+        return result, len(launches), free
+
+    graphed, launches, graphed_free = run()
+    eager, _, eager_free = run(enforce_eager=True)
+    assert launches > 30, "plain greedy decode steps should run ahead"
+    assert graphed == eager
+    assert [finish for *_, finish in graphed[1]] == ["length", "stop", "stop", "length"]
+    assert graphed_free and eager_free
