@@ -219,8 +219,11 @@ class ModelRunner:
             host.slot_mapping[i] = seq.block_table[pos // bs] * bs + pos % bs
             host.seq_lens[i] = pos + 1
             host.block_tables[i, : len(seq.block_table)] = seq.block_table
-        host.slot_mapping[len(scheduled) : rows] = -1
-        host.seq_lens[len(scheduled) : rows] = 1
+        padding = slice(len(scheduled), rows)  # any valid token at position 0, attending over itself
+        host.input_ids[padding] = 0  # the mirrors may hold a launched-ahead step's PENDING_TOKEN there
+        host.positions[padding] = 0
+        host.slot_mapping[padding] = -1
+        host.seq_lens[padding] = 1
         self._decode_buffers.upload(rows)
 
     def _prepare(
