@@ -16,6 +16,8 @@ import triton.language as tl
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float) -> torch.Tensor:
     """q [..., Lq, H, D], k/v [..., Lk, Hkv, D], visible [..., Lq, Lk] bool -> [..., Lq, H, D]. torch's fused SDPA
     in float32 (on the CPU several times faster than spelling the softmax out)."""
+    if q.dim() == 3:  # the CPU's flash kernel takes batched inputs only; unbatched ones fall to the slower math path
+        return _attend(q[None], k[None], v[None], visible[None], scale)[0]
     out = F.scaled_dot_product_attention(
         q.float().transpose(-3, -2),
         k.float().transpose(-3, -2),
