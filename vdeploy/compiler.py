@@ -338,6 +338,8 @@ class _Compiler:
         kv_dtype = dtype if r.memory.kv_cache_dtype == "auto" else r.memory.kv_cache_dtype
         weights = mem.weight_bytes(f, dtype, quantization, dequantize_gguf=r.backend == "builtin", shards=tp * pp)
         weights = max(0, weights - int(r.memory.cpu_offload_gb * GiB))
+        if self.device == "cpu" and r.backend == "builtin" and width == 4 and f.tie_word_embeddings and not f.pooling:
+            weights += f.vocab_size * f.hidden_size * width  # a tied head is kept twice: plain, and packed for oneDNN
         fixed_kv = r.memory.kv_cache_memory_bytes
         return mem.memory_budget(
             budget=mem.budget_bytes(p.memory_bytes, utilization), weights=weights,

@@ -36,7 +36,7 @@ SEED_EXPECTATIONS = {
     ("quickstart-smollm2-cpu.yaml", 0): dict(
         device="cpu", dtype="float32", quantization="gguf", runner="generate", enforce_eager=True,
         max_model_len=4096, max_num_seqs=16, max_num_batched_tokens=2048, tensor_parallel_size=1, port=8000,
-        served_model_name="smollm2-135m-instruct", kv_cache_memory_bytes=583_392_000),
+        served_model_name="smollm2-135m-instruct", kv_cache_memory_bytes=470_145_792),
     ("opt-125m-offline.yaml", 0): dict(
         device="cuda", dtype="float16", quantization=None, enforce_eager=True, max_model_len=2048, max_num_seqs=256,
         max_num_batched_tokens=2048, model="facebook/opt-125m", kv_cache_memory_bytes=None),
@@ -91,17 +91,18 @@ def test_memory_hand_calculation_smollm2_on_cpu():
     m = plan_of("quickstart-smollm2-cpu.yaml").memory
     budget = int(int(1.25 * GiB) * 0.9)  # cpu profile: 1.25 GiB, default utilisation 0.9
     assert m.budget_bytes == budget == 1_207_959_552
-    assert m.weights_bytes == 134_515_008 * 4  # GGUF expanded to float32 at load
+    # GGUF expanded to float32 at load; the tied LM head once more, packed for oneDNN
+    assert m.weights_bytes == 134_515_008 * 4 + 49152 * 576 * 4
     # 2048 batched tokens through the MLP: hidden 576, intermediate 1536, fp32, plus the norm's fp32 copy
     forward = 2048 * ((2 * 576 + 3 * 1536) * 4 + 576 * 4)
     logits = 16 * 49152 * 4  # 16 sequences x vocab, fp32
     sampler = 16 * 49152 * 40  # the sampler's buffers: 40 bytes per logit
     assert m.activation_bytes == forward + logits + sampler == 86_507_520
     assert (m.cuda_graph_bytes, m.overhead_bytes) == (0, 0)
-    assert m.kv_cache_bytes == budget - 538_060_032 - 86_507_520 == 583_392_000
+    assert m.kv_cache_bytes == budget - m.weights_bytes - 86_507_520 == 470_145_792
     assert m.kv_bytes_per_token == 2 * 30 * 3 * 64 * 4 == 46_080  # K+V x layers x KV heads x head_dim x fp32
-    assert m.kv_tokens == 583_392_000 // (46_080 * 16) * 16 == 12_656  # whole 16-token blocks
-    assert m.max_concurrency == round(12_656 / 4096, 2)
+    assert m.kv_tokens == 470_145_792 // (46_080 * 16) * 16 == 10_192  # whole 16-token blocks
+    assert m.max_concurrency == round(10_192 / 4096, 2)
 
 
 def test_memory_hand_calculation_qwen_7b_tp2_on_t4():
