@@ -183,7 +183,7 @@ def test_broken_revisions_fail_with_their_cause_and_old_keeps_serving(world: Wor
     assert "gone.gguf" in missing.stderr and "does not exist" in missing.stderr
 
     impossible = world.vdeploy(
-        "apply", str(world.recipe(memory__max_model_len=8192, memory__gpu_memory_utilization=0.5))
+        "apply", str(world.recipe(memory__max_model_len=8192, memory__gpu_memory_utilization=0.6))
     )
     assert impossible.returncode == 1 and "error[VD302]" in impossible.stderr  # one sequence cannot fit
 
