@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import torch
+from triton import next_power_of_2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -66,7 +67,7 @@ def sweep_shape(m: int, k: int, n: int, prologue: str | None, bias: bool, residu
     want = fused_linear_ref(x, w, **a).float()
     results = []
     for block_n, block_k, warps in TILES:
-        if block_n * block_k * triton_next(m) > 32768 or block_k > max(256, triton_next(k)):
+        if block_n * block_k * next_power_of_2(m) > 32768 or block_k > max(256, next_power_of_2(k)):
             continue
         tiled = functools.partial(fused_linear_triton, block_n=block_n, block_k=block_k, num_warps=warps)
         if not torch.allclose(tiled(x, w, **a).float(), want, atol=0.1, rtol=0.05):
@@ -84,14 +85,6 @@ def sweep_shape(m: int, k: int, n: int, prologue: str | None, bias: bool, residu
         best_ms=round(best_ms, 5),
         top5=[dict(ms=round(ms, 5), **tiles) for ms, tiles in sorted(results, key=lambda r: r[0])[:5]],
     )
-
-
-def triton_rows(m: int) -> int:
-    return 1 << (m - 1).bit_length()
-
-
-def triton_next(k: int) -> int:
-    return 1 << (k - 1).bit_length()
 
 
 def main() -> None:

@@ -74,5 +74,11 @@ class SamplingParams:
         return self.temperature < _GREEDY_EPSILON
 
     @property
+    def argmax_only(self) -> bool:
+        """The next token is the argmax of the raw logits: greedy, no logprobs, no penalties (what a decode graph
+        computes by itself)."""
+        return self.greedy and self.logprobs is None and not self.has_penalties
+
+    @property
     def has_penalties(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0

@@ -178,7 +178,7 @@ class LLMEngine:
         return (
             len(sampling) == len(step.scheduled)
             and self.runner.can_run_ahead(step)
-            and all(_plain_greedy(seq) and not self._early_stop_ids(seq) for seq in sampling)
+            and all(_runs_ahead(seq.request.params) and not self._early_stop_ids(seq) for seq in sampling)
         )
 
     def _in_flight_continues(self) -> bool:
@@ -304,10 +304,9 @@ class _InFlight:
     tokens: Callable[[], list[int]]  # waits for the step and returns its tokens
 
 
-def _plain_greedy(seq: Sequence) -> bool:
-    """Argmax, nothing else: no logprobs, penalties or forks (what a decode graph computes by itself)."""
-    params = seq.request.params
-    return params.greedy and params.logprobs is None and not params.has_penalties and params.n == 1
+def _runs_ahead(params: SamplingParams) -> bool:
+    """The graph's own argmax is the whole sampling, and no fork will want the row."""
+    return params.argmax_only and params.n == 1
 
 
 def _eos_token_ids(tokenizer: Any, model: Any) -> set[int]:

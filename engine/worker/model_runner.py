@@ -163,7 +163,7 @@ class ModelRunner:
         self._move_blocks(step)
         self._graph_logits = None
         if self.can_run_ahead(step):
-            self._prepare_decode(step.scheduled, self.graphs.padded(len(step.scheduled)))
+            self._prepare_decode(step.scheduled)
             self._graph_logits = self.graphs.replay(len(step.scheduled))
             return self._graph_logits
         input_ids, positions, meta, last_rows = self._prepare(step.scheduled)
@@ -184,7 +184,8 @@ class ModelRunner:
         step and returns its greedy tokens. With `inputs_on_device`, the input tokens are the previous launch's
         (the sequences and their order are the same), which the host does not know yet."""
         batch = len(step.scheduled)
-        self._prepare_decode(step.scheduled, self.graphs.padded(batch))
+        self._move_blocks(step)
+        self._prepare_decode(step.scheduled)
         if inputs_on_device:
             self._decode_buffers.input_ids[:batch].copy_(self.graphs.tokens[:batch])
         self.graphs.replay(batch)
@@ -203,15 +204,16 @@ class ModelRunner:
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence], stop_ids: list[set[int]]) -> SamplerOutput:
         """The graph already took the argmax of its logits: a batch of plain greedy rows only copies it back."""
-        if logits is self._graph_logits and not any(stop_ids) and all(_plain_greedy(seq) for seq in seqs):
+        if logits is self._graph_logits and not any(stop_ids) and all(seq.request.params.argmax_only for seq in seqs):
             return SamplerOutput(self.graphs.tokens[: len(seqs)].tolist(), [None] * len(seqs))
         with torch.inference_mode():
             return self.sampler(logits, seqs, stop_ids)
 
-    def _prepare_decode(self, scheduled: list[tuple[Sequence, int]], rows: int) -> None:
+    def _prepare_decode(self, scheduled: list[tuple[Sequence, int]]) -> None:
         """Fills the pinned host mirrors of the decode buffers row by row (no tensor ops: this runs every step) and
-        copies the first `rows` to the device; rows past the batch are padding that stores nothing."""
+        copies the rows of the graph the batch replays to the device; rows past the batch are padding."""
         host, bs = self._decode_buffers.host, self.block_size
+        rows = self.graphs.padded(len(scheduled))
         for i, (seq, _) in enumerate(scheduled):
             pos = seq.num_computed_tokens
             host.input_ids[i] = seq.token_ids[pos]
@@ -289,11 +291,6 @@ def _log_predicted_vs_measured(predicted: dict[str, int], measured: dict[str, in
 def _is_decode(scheduled: list[tuple[Sequence, int]]) -> bool:
     """One new token per sequence, each reaching the end of what its sequence holds."""
     return all(n == 1 and seq.num_computed_tokens + 1 == seq.num_tokens for seq, n in scheduled)
-
-
-def _plain_greedy(seq: Sequence) -> bool:
-    params = seq.request.params
-    return params.greedy and params.logprobs is None and not params.has_penalties
 
 
 class _DecodeBuffers:
