@@ -207,6 +207,14 @@ def batch1_decode(
     )
 
 
+def print_decode(shape: str, label: str, d: dict) -> None:
+    print(
+        f"[{shape}] batch-1 decode{label}: {d['ms_per_token']} ms/token, {d['fraction_of_roofline']:.0%} of copy "
+        f"bandwidth; forward alone {d['forward_ms']} ms ({d['forward_fraction_of_roofline']})",
+        flush=True,
+    )
+
+
 def write_decode_profile(llm: Any, prompt: list[int], path: Path) -> None:
     """torch.profiler over 64 batch-1 decode steps: host ops by self CPU time, GPU kernels by GPU time."""
     import torch
@@ -341,6 +349,9 @@ def main() -> None:
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--output-json", type=Path)
     parser.add_argument("--profile-dir", type=Path, help="write a torch.profiler table of batch-1 decode per shape here")
+    parser.add_argument(
+        "--compare-pdl", action="store_true", help="also time batch-1 decode without programmatic dependent launch"
+    )
     args = parser.parse_args()
 
     import torch
@@ -380,13 +391,18 @@ def main() -> None:
                 result["decode"] = batch1_decode(
                     model_dir, weight_bytes, bandwidth, profile, max_num_seqs=8, **engine_args
                 )
-                d = result["decode"]
-                print(
-                    f"[{shape}] batch-1 decode: {d['ms_per_token']} ms/token, "
-                    f"{d['fraction_of_roofline']:.0%} of copy bandwidth; forward alone {d['forward_ms']} ms "
-                    f"({d['forward_fraction_of_roofline']})",
-                    flush=True,
-                )
+                print_decode(shape, "", result["decode"])
+                if args.compare_pdl:
+                    import kernels.launch
+
+                    kernels.launch.ENABLED = False
+                    result["decode_without_pdl"] = batch1_decode(
+                        model_dir, weight_bytes, bandwidth, max_num_seqs=8, **engine_args
+                    )
+                    kernels.launch.ENABLED = True
+                    print_decode(shape, " without PDL", result["decode_without_pdl"])
+                    ratio = result["decode_without_pdl"]["ms_per_token"] / result["decode"]["ms_per_token"]
+                    result["decode_pdl_speedup"] = round(ratio, 3)
             if "memory" in sections:
                 settings = [
                     dict(max_model_len=2048, max_num_seqs=64, gpu_memory_utilization=0.5, enforce_eager=True),

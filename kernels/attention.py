@@ -12,6 +12,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.launch import pdl, wait_for_previous
+
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float) -> torch.Tensor:
     """q [..., Lq, H, D], k/v [..., Lk, Hkv, D], visible [..., Lq, Lk] bool -> [..., Lq, H, D]. torch's fused SDPA
@@ -69,7 +71,7 @@ def paged_decode_attention_ref(
         attn_mask=visible[:, None, None, :],
         scale=scale,
     )
-    return out.view(batch, num_heads, head_dim).nan_to_num(0.0).to(q.dtype)  # no visible key (seq_len 0): zeros
+    return out.reshape(batch, num_heads, head_dim).nan_to_num(0.0).to(q.dtype)  # no visible key (seq_len 0): zeros
 
 
 def paged_prefill_attention_ref(
@@ -173,12 +175,13 @@ def _decode_split_kernel(
     stride_qb, stride_qh, stride_ob, stride_oh, stride_block, stride_slot, stride_head, stride_table,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr, SLIDING: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
     """One program per (sequence, KV head, split): the GROUP query heads that share the KV head (padded to BLOCK_G
     rows so tl.dot has M >= 16) attend over one contiguous share of the visible context. It writes the output, or
     with PARTIAL (num_splits > 1) unnormalised partials that _decode_reduce_kernel combines. num_splits is a
     run-time argument so that each batch size's choice does not compile a new kernel."""
+    wait_for_previous(PDL)
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
     first = 0
@@ -221,9 +224,10 @@ def _decode_split_kernel(
 @triton.jit
 def _decode_reduce_kernel(
     part_out_ptr, part_max_ptr, part_sum_ptr, out_ptr, num_splits, stride_ob, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr,
 ):
     """One program per (sequence, query head): rescale each split's partial to the global max and normalise."""
+    wait_for_previous(PDL)
     seq, head = tl.program_id(0), tl.program_id(1)
     part = (seq * tl.num_programs(1) + head) * num_splits + tl.arange(0, BLOCK_S)
     s_mask = tl.arange(0, BLOCK_S) < num_splits
@@ -406,6 +410,7 @@ def paged_decode_attention_triton(
     part_max = torch.empty(part_shape, dtype=torch.float32, device=q.device) if num_splits > 1 else out
     part_sum = torch.empty(part_shape, dtype=torch.float32, device=q.device) if num_splits > 1 else out
     block_d = triton.next_power_of_2(head_dim)
+    use_pdl = pdl(q)
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q, key_cache, value_cache, block_tables, seq_lens, out, part_out, part_max, part_sum,
         scale * _LOG2E, _window(sliding_window), num_splits,
@@ -413,13 +418,14 @@ def paged_decode_attention_triton(
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), block_tables.stride(0),
         GROUP=group, BLOCK_G=max(_MIN_DECODE_ROWS, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=block_n, PARTIAL=num_splits > 1,
-        SLIDING=sliding_window is not None, PRECISION=_precision(q.dtype), num_warps=_DECODE_WARPS,
+        SLIDING=sliding_window is not None, PRECISION=_precision(q.dtype), PDL=use_pdl, num_warps=_DECODE_WARPS,
+        launch_pdl=use_pdl,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_heads)](
             part_out, part_max, part_sum, out, num_splits, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits),
-            num_warps=_DECODE_WARPS,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits), PDL=use_pdl,
+            num_warps=_DECODE_WARPS, launch_pdl=use_pdl,
         )
     return out
 

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from kernels.activation import silu_and_mul_ref
+from kernels.launch import pdl, wait_for_previous
 from kernels.rms_norm import rms_norm_ref
 
 MAX_ROWS = 16  # the most rows the kernel takes (registers); cuBLAS already wins the wide projections from 4 rows
@@ -45,6 +46,7 @@ def _fused_linear_kernel(
     M, stride_x, stride_r, stride_o,
     N: tl.constexpr, K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     NORM: tl.constexpr, GATE_UP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Program n owns output features [n * BLOCK_N, (n + 1) * BLOCK_N) for all M rows. Products accumulate per K
     position in float32 and are summed once at the end. The prologue rounds to x's dtype where the unfused kernels
@@ -56,6 +58,10 @@ def _fused_linear_kernel(
     m_mask, n_mask = offs_m < M, offs_n < N
     x_rows = x_ptr + offs_m.to(tl.int64) * stride_x
     weight_rows = weight_ptr + offs_n.to(tl.int64) * K
+    # The weight is read one chunk ahead of its use: its read from memory is the long one, and the first chunk is on
+    # its way before x (the previous kernel's output) is ready, which with PDL overlaps the previous kernel's tail.
+    w = tl.load(weight_rows + offs_k, mask=n_mask & (offs_k < K), other=0.0)
+    wait_for_previous(PDL)
     if NORM and K > BLOCK_K:  # K takes several steps: a first pass finds each row's RMS (x is a few KiB, in cache)
         sum_sq = tl.zeros([BLOCK_M, 1, 1], tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -66,8 +72,8 @@ def _fused_linear_kernel(
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + offs_k
         k_mask = ks < K
-        # The weight first: its read from memory is the long one, the prologue's math overlaps it.
-        w = tl.load(weight_rows + ks, mask=n_mask & k_mask, other=0.0)
+        if K > BLOCK_K:
+            w_next = tl.load(weight_rows + BLOCK_K + ks, mask=n_mask & (BLOCK_K + ks < K), other=0.0)
         x = tl.load(x_rows + ks, mask=m_mask & k_mask, other=0.0)
         if NORM:
             scale = tl.load(norm_weight_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)
@@ -82,6 +88,8 @@ def _fused_linear_kernel(
             silu = (gate * tl.sigmoid(gate)).to(x.dtype)
             x = (silu.to(tl.float32) * up.to(tl.float32)).to(x.dtype)
         acc += x.to(tl.float32) * w.to(tl.float32)
+        if K > BLOCK_K:
+            w = w_next
     out = tl.sum(acc, 2)
     rows = tl.arange(0, BLOCK_M)[:, None]
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
@@ -166,13 +174,14 @@ def fused_linear_triton(
     default_n, default_k, default_warps = _linear_config(rows, n, k)
     block_n, block_k, num_warps = block_n or default_n, block_k or default_k, num_warps or default_warps
     out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
+    use_pdl = pdl(x)
     _fused_linear_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else x, norm_weight if norm_weight is not None else x,
         residual if residual is not None else out, out, eps,
         rows, x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
         N=n, K=k, BLOCK_M=triton.next_power_of_2(max(rows, 1)), BLOCK_N=block_n, BLOCK_K=block_k,
         NORM=norm_weight is not None, GATE_UP=gate_up, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-        num_warps=num_warps,
+        PDL=use_pdl, num_warps=num_warps, launch_pdl=use_pdl,
     )
     return out
 

@@ -4,6 +4,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.launch import pdl, wait_for_previous
+
 
 def rms_norm_ref(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
@@ -21,9 +23,10 @@ def rms_norm_ref(
 def _rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, eps,
     stride_x, stride_r, stride_o, stride_ro,
-    HIDDEN: tl.constexpr, BLOCK: tl.constexpr, ADD_RESIDUAL: tl.constexpr,
+    HIDDEN: tl.constexpr, BLOCK: tl.constexpr, ADD_RESIDUAL: tl.constexpr, PDL: tl.constexpr,
 ):
     """One program per row. Rounds where the reference rounds (the sum, the normalised row) so results match it."""
+    wait_for_previous(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < HIDDEN
@@ -49,11 +52,13 @@ def rms_norm_triton(
     res_in = rows if residual is None else residual.reshape(-1, hidden).contiguous()
     res_out = rows if residual is None else torch.empty(rows.shape, dtype=sum_dtype, device=x.device)
     block = triton.next_power_of_2(hidden)
+    use_pdl = pdl(x)
     _rms_norm_kernel[(rows.shape[0],)](
         rows, res_in, weight, out, res_out, eps,
         rows.stride(0), res_in.stride(0), out.stride(0), res_out.stride(0),
         HIDDEN=hidden, BLOCK=block, ADD_RESIDUAL=residual is not None,
         num_warps=min(max(block // 256, 1), 8),  # about 8 elements per thread, 8 warps at most
+        PDL=use_pdl, launch_pdl=use_pdl,
     )
     out = out.view(x.shape)
     return out if residual is None else (out, res_out.view(x.shape))

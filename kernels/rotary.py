@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from kernels.kv_cache import write_kv_cache_ref
+from kernels.launch import pdl, wait_for_previous
 
 
 def _rotate_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, is_neox: bool) -> torch.Tensor:
@@ -98,10 +99,11 @@ def _rotary_cache_kernel(
     stride_block, stride_slot, stride_head,
     NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HALF_ROT: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_P: tl.constexpr, IS_NEOX: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_P: tl.constexpr, IS_NEOX: tl.constexpr, BLOCK_SIZE: tl.constexpr, PDL: tl.constexpr,
 ):
     """One program per token: rotates its query heads into q_out, and unless its slot is -1, its key heads straight
     into the key cache and its value heads unchanged into the value cache."""
+    wait_for_previous(PDL)
     token = tl.program_id(0).to(tl.int64)
     cos, sin = _cos_sin(positions_ptr, cos_sin_ptr, token, stride_cache, HALF_ROT, BLOCK_R)
     _rotate_heads(q_ptr, q_out_ptr, token, stride_qt, stride_qh, stride_oqt, stride_oqh, cos, sin,
@@ -187,13 +189,14 @@ def rotary_and_cache_triton(
     if key_cache.stride() != value_cache.stride():
         raise ValueError("key_cache and value_cache need the same layout")
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    use_pdl = pdl(q)
     _rotary_cache_kernel[(q.shape[0],)](
         q, k, v, q_out, key_cache, value_cache, positions, cos_sin_cache, slot_mapping,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         q_out.stride(0), q_out.stride(1), cos_sin_cache.stride(0),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         **_rotary_constexprs(q, k, cos_sin_cache), BLOCK_D=triton.next_power_of_2(q.shape[2]), IS_NEOX=is_neox,
-        BLOCK_SIZE=key_cache.shape[1],
+        BLOCK_SIZE=key_cache.shape[1], PDL=use_pdl, launch_pdl=use_pdl,
     )
     return q_out
 

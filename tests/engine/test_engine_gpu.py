@@ -12,15 +12,15 @@ pytestmark = pytest.mark.gpu
 PROMPTS = [[5, 17, 42, 99, 7], [3] * 40, list(range(10, 130))]
 
 
-def _greedy(model_dir, **kwargs) -> tuple[list[list[int]], dict]:
-    """Greedy tokens for PROMPTS, and what start-up measured. The engine is freed before returning: a live one's KV
+def _greedy(model_dir, prompts=PROMPTS, **kwargs) -> tuple[list[list[int]], dict]:
+    """Greedy tokens for the prompts, and what start-up measured. The engine is freed before returning: a live one's KV
     cache would count as memory outside the next engine's reach."""
     import torch
 
     from engine import LLM, SamplingParams
 
     llm = LLM(str(model_dir), dtype="float32", gpu_memory_utilization=0.2, max_model_len=256, **kwargs)
-    outputs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
+    outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
     runner = llm.llm_engine.runner
     facts = dict(
         graphs=runner.graphs is not None and bool(runner.graphs.graphs),
@@ -56,6 +56,22 @@ def test_cuda_graph_decode_matches_eager_and_transformers(tiny_llama_dir):
             pad_token_id=0,
         )[0, len(prompt) :].tolist()
         assert tokens == want
+
+
+def test_programmatic_dependent_launch_changes_no_token(tiny_llama_dir, monkeypatch):
+    """Batch-1 decode chains its fused kernels with programmatic dependent launch (Hopper): each kernel starts while
+    the one before drains. A kernel that read or wrote before its wait would race; the tokens must equal a run
+    without PDL, through CUDA graphs and eagerly."""
+    import torch
+
+    import kernels.launch
+
+    if not kernels.launch.pdl(torch.empty(0, device="cuda")):
+        pytest.skip("programmatic dependent launch needs Hopper or later")
+    prompts = PROMPTS[2:]  # one sequence: every decode step takes the fused path
+    with_pdl = [_greedy(tiny_llama_dir, prompts)[0], _greedy(tiny_llama_dir, prompts, enforce_eager=True)[0]]
+    monkeypatch.setattr(kernels.launch, "ENABLED", False)
+    assert with_pdl == [_greedy(tiny_llama_dir, prompts)[0], _greedy(tiny_llama_dir, prompts, enforce_eager=True)[0]]
 
 
 def test_startup_measures_memory_within_the_plan(tiny_llama_dir):
