@@ -3,7 +3,8 @@
 (cuBLAS GEMM plus the separate norm / activation / add kernels), timed as CUDA-graph replays over weight copies that
 exceed the L2 cache (as a model's layers do).
 
-    python3 bench/fused_linear_tiles.py [--rows 1,4] [--out bench/results/fused-linear-tiles-<gpu>.json]
+    python3 bench/fused_linear_tiles.py [--rows 1,4] [--models qwen2.5-0.5b] [--projections down]
+        [--out bench/results/fused-linear-tiles-<gpu>.json]
 
 Prints, per shape, the best tiles, the default's time and bandwidth (weight bytes / time, against the card's copy
 bandwidth measured in the same run), so _linear_config can be set from data.
@@ -42,7 +43,7 @@ MODELS = {
         ("down", 1536, 576, "gate_up", False, True),
     ],
 }
-TILES = list(itertools.product((1, 2, 4, 8, 16), (256, 512, 1024, 2048, 4096), (2, 4, 8)))
+TILES = list(itertools.product((1, 2, 4, 8, 16), (256, 512, 1024, 2048, 4096, 8192), (2, 4, 8, 16)))
 
 
 def sweep_shape(m: int, k: int, n: int, prologue: str | None, bias: bool, residual: bool) -> dict:
@@ -90,14 +91,18 @@ def sweep_shape(m: int, k: int, n: int, prologue: str | None, bias: bool, residu
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default="1", help="batch sizes (rows of x) to sweep")
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--projections", default="qkv,o,gate_up,down")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     copy_gbs = copy_bandwidth_gbs()
     report = dict(command="python3 " + shlex.join(sys.argv), gpu=torch.cuda.get_device_name(), copy_gbs=copy_gbs)
     rows = []
     for m in map(int, args.rows.split(",")):
-        for model, shapes in MODELS.items():
-            for name, k, n, prologue, bias, residual in shapes:
+        for model in args.models.split(","):
+            for name, k, n, prologue, bias, residual in MODELS[model]:
+                if name not in args.projections.split(","):
+                    continue
                 r = sweep_shape(m, k, n, prologue, bias, residual)
                 r.update(model=model, projection=name, rows=m, k=k, n=n)
                 rows.append(r)

@@ -181,9 +181,9 @@ def _decode_split_kernel(
     rows so tl.dot has M >= 16) attend over one contiguous share of the visible context. It writes the output, or
     with PARTIAL (num_splits > 1) unnormalised partials that _decode_reduce_kernel combines. num_splits is a
     run-time argument so that each batch size's choice does not compile a new kernel."""
-    wait_for_previous(PDL)
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    seq_len = tl.load(seq_lens_ptr + seq)
+    seq_len = tl.load(seq_lens_ptr + seq)  # a step input: read before waiting for the kernel that writes q and the KV
+    wait_for_previous(PDL)
     first = 0
     if SLIDING:
         first = tl.maximum(seq_len - window, 0)

@@ -7,7 +7,9 @@ still running: its programs do what does not depend on that kernel (a GEMV start
 let the next kernel start early in turn. Inside CUDA graphs the same dependency is captured as a programmatic edge.
 
 The rule for a kernel launched with PDL: before `wait_for_previous` it may only read memory that no kernel of the step
-writes (weights), and it may not write at all (its output may reuse memory that the previous kernel still reads).
+writes (weights, and the step's inputs: positions, slots, block tables, sequence lengths, which are copied in before the
+step's first kernel), and it may not write at all (its output may reuse memory that the previous kernel still reads).
+Reading those early takes their round trips to memory off the chain of kernels.
 """
 
 import functools

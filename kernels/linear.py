@@ -58,10 +58,20 @@ def _fused_linear_kernel(
     m_mask, n_mask = offs_m < M, offs_n < N
     x_rows = x_ptr + offs_m.to(tl.int64) * stride_x
     weight_rows = weight_ptr + offs_n.to(tl.int64) * K
-    # The weight is read one chunk ahead of its use: its read from memory is the long one, and the first chunk is on
-    # its way before x (the previous kernel's output) is ready, which with PDL overlaps the previous kernel's tail.
+    rows = tl.arange(0, BLOCK_M)[:, None]
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    out_mask = (rows < M) & (cols < N)
+    # What no earlier kernel writes is read before waiting for the one that writes x: the first weight chunk (the long
+    # read; with PDL it overlaps the previous kernel's tail), the bias and a one-step norm's weight. The weight is then
+    # read one chunk ahead of its use, and the residual with x, so no read waits on the arithmetic.
     w = tl.load(weight_rows + offs_k, mask=n_mask & (offs_k < K), other=0.0)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+    if NORM and K <= BLOCK_K:
+        scale = tl.load(norm_weight_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
     wait_for_previous(PDL)
+    if HAS_RESIDUAL:
+        residual = tl.load(residual_ptr + rows * stride_r + cols, mask=out_mask, other=0.0)
     if NORM and K > BLOCK_K:  # K takes several steps: a first pass finds each row's RMS (x is a few KiB, in cache)
         sum_sq = tl.zeros([BLOCK_M, 1, 1], tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -76,8 +86,9 @@ def _fused_linear_kernel(
             w_next = tl.load(weight_rows + BLOCK_K + ks, mask=n_mask & (BLOCK_K + ks < K), other=0.0)
         x = tl.load(x_rows + ks, mask=m_mask & k_mask, other=0.0)
         if NORM:
-            scale = tl.load(norm_weight_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)
-            if K <= BLOCK_K:  # the whole row is in this one step
+            if K > BLOCK_K:
+                scale = tl.load(norm_weight_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)
+            else:  # the whole row is in this one step
                 xf = x.to(tl.float32)
                 inv_rms = tl.rsqrt(tl.sum(xf * xf, 2, keep_dims=True) / K + eps)
             normed = (x.to(tl.float32) * inv_rms).to(x.dtype)
@@ -91,46 +102,51 @@ def _fused_linear_kernel(
         if K > BLOCK_K:
             w = w_next
     out = tl.sum(acc, 2)
-    rows = tl.arange(0, BLOCK_M)[:, None]
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-    out_mask = (rows < M) & (cols < N)
     if HAS_BIAS:  # inside the GEMM's one rounding, as cuBLAS's bias epilogue
-        out += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+        out += bias
     out = out.to(out_ptr.dtype.element_ty)
     if HAS_RESIDUAL:  # a separate add in the unfused path: round the product first
-        residual = tl.load(residual_ptr + rows * stride_r + cols, mask=out_mask, other=0.0)
         out = (out.to(tl.float32) + residual.to(tl.float32)).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + rows * stride_o + cols, out, mask=out_mask)
 
 
 # Tuning knobs for _linear_config, the one place that picks tiles (bench/fused_linear_tiles.py sweeps them on a GPU).
 SM_COUNT = 132  # an H100 or H200
-PRODUCTS_PER_WARP = 2048  # float32 partial products (BLOCK_M * BLOCK_N * BLOCK_K) per warp: 64 registers a thread
+# Float32 products (BLOCK_M * BLOCK_N * BLOCK_K) a 4-warp program takes in one step, when that step is all of K: the
+# weight tile then is 256 bf16 a thread at M = 1, and no accumulator is carried from step to step.
+ONE_STEP_PRODUCTS = 32768
+# When K takes several steps, the [M, N, K] accumulator lives across them: 64 float32 registers a thread.
+CARRIED_PRODUCTS = 8192
+MAX_BLOCK_N = 4
 # Threads take 16 B (8 bf16) of a weight row each, warps side by side along K, so x ([M, 1, K]) and weight ([1, N, K])
 # tiles load in the same layout. Narrower steps put warps across rows, and the two layouts then differ, converted through
 # shared memory on every step.
-MIN_BLOCK_K, MAX_BLOCK_K = 8 * 32 * 4, 4096
+MIN_BLOCK_K = 8 * 32 * 4
 
 
 def _linear_config(m: int, n: int, k: int) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps) for an [m, k] x [k, n] product.
 
-    BLOCK_K is as wide as K if 4 warps' register budget allows: one step per program, and the RMSNorm prologue needs
-    no first pass over x. Steps of 2048 or more take 8 warps. BLOCK_N takes what is left of the budget, halved until
-    every SM has a program: decode projections are narrow (N = 576..1152 for o/down on 0.5B-class models).
+    All of K in one step when the budget allows: every weight read of a program is issued at once (before it waits
+    for x, with PDL), and the RMSNorm prologue needs no first pass over x. BLOCK_N is at most 4, halved until every SM
+    has a program: decode projections are narrow (N = 576..1152 for o/down on 0.5B-class models).
 
-    From the sweep on an H200 at M = 1 (bench/results/fused-linear-tiles-h200.json, top five tiles per projection):
-    this picks the best tiles for both down projections (Qwen2.5-0.5B: 6.5 us, was 8.3 us with 4 warps and two
-    programs per SM) and SmolLM2's qkv, tiles within 8% of the best for Qwen2.5-0.5B's qkv, o and gate_up and
-    SmolLM2's gate_up, and for SmolLM2's o tiles outside the recorded five. Larger M is unmeasured. At 16 rows even
-    BLOCK_N = 1 takes twice the budget (up to 255 registers a thread): hence MAX_ROWS."""
+    From the sweep on an H200 at M = 1 with PDL (bench/results/fused-linear-tiles-h200-pdl.json): Qwen2.5-0.5B's down
+    projection takes 4.4 us in one step of 8192 (6.6 us in two steps of 4096 with 8 warps, the earlier choice);
+    gate_up's best tile is BLOCK_N = 4 (6.3 us; 7.0 us at 8); qkv's best, BLOCK_N = 8, is 0.1-0.2 us ahead of 4.
+    Larger M is unmeasured. At 16 rows a carried step of the narrowest layout (BLOCK_N = 1, BLOCK_K = 1024) takes
+    twice the carried budget (255 registers a thread): hence MAX_ROWS."""
     block_m = triton.next_power_of_2(max(m, 1))
-    block_k = min(triton.next_power_of_2(k), MAX_BLOCK_K, max(MIN_BLOCK_K, PRODUCTS_PER_WARP * 4 // block_m))
-    num_warps = 8 if block_k >= 2048 else 4
-    block_n = min(16, max(1, PRODUCTS_PER_WARP * num_warps // (block_m * block_k)))
+    one_step = max(triton.next_power_of_2(k), MIN_BLOCK_K)
+    if block_m * one_step <= ONE_STEP_PRODUCTS:
+        block_k = one_step
+        block_n = min(MAX_BLOCK_N, ONE_STEP_PRODUCTS // (block_m * block_k))
+    else:
+        block_k = max(MIN_BLOCK_K, CARRIED_PRODUCTS // block_m)
+        block_n = 1
     while block_n > 1 and triton.cdiv(n, block_n) < SM_COUNT:
         block_n //= 2
-    return block_n, block_k, num_warps
+    return block_n, block_k, 4
 
 
 def _check_args(x, weight, bias, norm_weight, gate_up, residual) -> None:

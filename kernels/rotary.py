@@ -103,12 +103,14 @@ def _rotary_cache_kernel(
 ):
     """One program per token: rotates its query heads into q_out, and unless its slot is -1, its key heads straight
     into the key cache and its value heads unchanged into the value cache."""
-    wait_for_previous(PDL)
     token = tl.program_id(0).to(tl.int64)
+    # Positions and slots are step inputs, written before any kernel of the step: read them (and the cos/sin rows
+    # they pick) before waiting for the kernel that writes q/k/v.
     cos, sin = _cos_sin(positions_ptr, cos_sin_ptr, token, stride_cache, HALF_ROT, BLOCK_R)
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    wait_for_previous(PDL)
     _rotate_heads(q_ptr, q_out_ptr, token, stride_qt, stride_qh, stride_oqt, stride_oqh, cos, sin,
                   NUM_Q_HEADS, BLOCK_QH, HEAD_DIM, HALF_ROT, BLOCK_R, BLOCK_P, IS_NEOX)
-    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     if slot < 0:
         return
     slot_offset = (slot // BLOCK_SIZE) * stride_block + (slot % BLOCK_SIZE) * stride_slot

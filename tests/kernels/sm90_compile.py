@@ -38,6 +38,8 @@ def compile_for_h100(kernel, dtype: str, pointer_dtypes: dict[str, str], constex
     """Pointers default to `dtype`; ints are i32. Pointers and strides get the 16-divisibility that a launch with
     torch tensors specialises them to, so the compiler sees what it sees on the GPU."""
     names = kernel.arg_names
+    if "PDL" in names:  # as a Hopper launch compiles it: with programmatic dependent launch
+        constexprs = {**constexprs, "PDL": True}
     signature = {}
     for name in names:
         if name in constexprs:
