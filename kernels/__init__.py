@@ -6,7 +6,7 @@ projection) as long as the last dim is contiguous, allocate their outputs, and n
 they can be captured in CUDA graphs. paged_decode_attention_triton takes a keyword-only `num_splits` (default: chosen
 from shapes) to force how many parts each context is cut into.
 
-Fused kernels for the small-batch decoder layer (5 launches a layer instead of 11):
+Fused kernels for the small-batch decoder layer (a decode step: 4 launches a layer and the attention's, instead of 11):
 - fused_linear(x, weight, bias, *, norm_weight, eps, gate_up, residual): x' W^T + bias + residual, where x' is x,
   rms_norm(x) * norm_weight, or silu_and_mul(x). Its Triton path is a GEMV for decode batches of at most 16 rows;
   larger CUDA batches (prefills) take the reference, i.e. the separate kernels and cuBLAS. fused_linear_triton
@@ -14,6 +14,12 @@ Fused kernels for the small-batch decoder layer (5 launches a layer instead of 1
   _linear_config is the one place that picks them.
 - rotary_and_cache(q, k, v, positions, cos_sin_cache, key_cache, value_cache, slot_mapping, is_neox): apply_rotary
   and write_kv_cache in one launch; returns the rotated q, the rotated k exists only in the cache.
+- rotary_decode_attention(q, k, v, positions, cos_sin_cache, key_cache, value_cache, slot_mapping, block_tables,
+  seq_lens, scale, sliding_window, is_neox): rotary_and_cache and paged_decode_attention for a decode step, with no
+  rotary launch: the decode kernel rotates q and the newest k in registers and stores the newest k/v as it attends.
+
+On Hopper the decode kernels launch with programmatic dependent launch (kernels/launch.py): each starts while the one
+before drains, and reads what no earlier kernel of the step writes before it waits.
 
 Shapes (T = tokens in a flat batch, B = sequences, H/Hkv = query/KV heads, D = head_dim):
 - KV cache per layer: key_cache and value_cache, each [num_blocks, block_size, Hkv, D].
@@ -23,7 +29,12 @@ Shapes (T = tokens in a flat batch, B = sequences, H/Hkv = query/KV heads, D = h
 """
 
 from kernels.activation import silu_and_mul
-from kernels.attention import paged_decode_attention, paged_prefill_attention, varlen_attention
+from kernels.attention import (
+    paged_decode_attention,
+    paged_prefill_attention,
+    rotary_decode_attention,
+    varlen_attention,
+)
 from kernels.kv_cache import write_kv_cache
 from kernels.linear import fused_linear
 from kernels.rms_norm import rms_norm
@@ -36,6 +47,7 @@ __all__ = [
     "paged_prefill_attention",
     "rms_norm",
     "rotary_and_cache",
+    "rotary_decode_attention",
     "silu_and_mul",
     "varlen_attention",
     "write_kv_cache",

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from kernels.launch import pdl, wait_for_previous
+from kernels.rotary import rotary_and_cache_ref
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float) -> torch.Tensor:
@@ -130,6 +131,38 @@ _NO_MAX = tl.constexpr(-1.0e30)  # a global a kernel reads must be a constexpr
 
 
 @triton.jit
+def _key_tile(
+    k_ptr, v_ptr, table_ptr, start, hi, stride_block, stride_slot, offs_d, d_mask,
+    BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, PAGED: tl.constexpr,
+):
+    """Keys start..start+BLOCK_N-1: their positions [BLOCK_N], and k, v [BLOCK_N, BLOCK_D] (zero from hi on).
+    Paged: key j sits in block table_ptr[j // BLOCK_SIZE] at slot j % BLOCK_SIZE; flat: at row j of k_ptr/v_ptr."""
+    k_pos = start + tl.arange(0, BLOCK_N)
+    in_range = k_pos < hi
+    if PAGED:
+        block = tl.load(table_ptr + k_pos // BLOCK_SIZE, mask=in_range, other=0).to(tl.int64)
+        rows = block * stride_block + (k_pos % BLOCK_SIZE) * stride_slot
+    else:
+        rows = k_pos.to(tl.int64) * stride_slot
+    kv_mask = in_range[:, None] & d_mask[None, :]
+    k = tl.load(k_ptr + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+    return k_pos, k, v
+
+
+@triton.jit
+def _softmax_step(acc, m_i, l_i, q, k, v, visible, qk_scale, PRECISION: tl.constexpr):
+    """The online-softmax update of rows q [M, D] by one tile of keys (visible [M, N] or broadcastable)."""
+    s = tl.where(visible, tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _attend_keys(
     acc, m_i, l_i, q, q_pos, lo, hi,
     k_ptr, v_ptr, table_ptr, qk_scale, window,
@@ -137,78 +170,138 @@ def _attend_keys(
     BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, PAGED: tl.constexpr, CAUSAL: tl.constexpr,
     SLIDING: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Online softmax of the rows of q [M, D] (at context positions q_pos [M]) over keys lo..hi-1, BLOCK_N at a time.
-    Paged: key j sits in block table_ptr[j // BLOCK_SIZE] at slot j % BLOCK_SIZE; flat: at row j of k_ptr/v_ptr."""
+    """Online softmax of the rows of q [M, D] (at context positions q_pos [M]) over keys lo..hi-1, BLOCK_N at a time."""
     for start in range(lo, hi, BLOCK_N):
-        k_pos = start + tl.arange(0, BLOCK_N)
-        in_range = k_pos < hi
-        if PAGED:
-            block = tl.load(table_ptr + k_pos // BLOCK_SIZE, mask=in_range, other=0).to(tl.int64)
-            rows = block * stride_block + (k_pos % BLOCK_SIZE) * stride_slot
-        else:
-            rows = k_pos.to(tl.int64) * stride_slot
-        kv_mask = in_range[:, None] & d_mask[None, :]
-        k = tl.load(k_ptr + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-
-        visible = in_range[None, :]
+        k_pos, k, v = _key_tile(
+            k_ptr, v_ptr, table_ptr, start, hi, stride_block, stride_slot, offs_d, d_mask, BLOCK_N, BLOCK_SIZE, PAGED
+        )
+        visible = (k_pos < hi)[None, :]
         if CAUSAL:
             visible = visible & (k_pos[None, :] <= q_pos[:, None])
         if SLIDING:
             visible = visible & (q_pos[:, None] - k_pos[None, :] < window)
-        s = tl.where(visible, tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k, v, visible, qk_scale, PRECISION)
     return acc, m_i, l_i
 
 
 @triton.jit
+def _rotation(position_ptr, cos_sin_ptr, stride_cos, offs_d, HALF_ROT: tl.constexpr, IS_NEOX: tl.constexpr):
+    """What rotates one head in registers, for channels offs_d at the token's position: each channel's partner, the
+    sign of the partner's term, cos and sin (1 and 0 for channels past the rotated ones, their own partners). The
+    same products as kernels/rotary.py, so the same roundings."""
+    if IS_NEOX:  # pairs (i, i + HALF_ROT)
+        low = offs_d < HALF_ROT
+        partner = tl.where(low, offs_d + HALF_ROT, offs_d - HALF_ROT)
+        freq = tl.where(low, offs_d, offs_d - HALF_ROT)
+        sign = tl.where(low, -1.0, 1.0)
+    else:  # pairs (2i, 2i + 1)
+        partner = offs_d ^ 1
+        freq = offs_d // 2
+        sign = tl.where(offs_d % 2 == 0, -1.0, 1.0)
+    rotated = offs_d < 2 * HALF_ROT
+    row = cos_sin_ptr + tl.load(position_ptr).to(tl.int64) * stride_cos
+    cos = tl.load(row + freq, mask=rotated, other=1.0).to(tl.float32)
+    sin = tl.load(row + HALF_ROT + freq, mask=rotated, other=0.0).to(tl.float32)
+    return tl.where(rotated, partner, offs_d), sign, cos, sin
+
+
+@triton.jit
+def _load_rotated(row_ptr, offs_d, partner, sign, cos, sin, mask):
+    """Rows at row_ptr (broadcast against channels offs_d), rotated and rounded to their dtype."""
+    x = tl.load(row_ptr + offs_d, mask=mask, other=0.0)
+    pair = tl.load(row_ptr + partner, mask=mask, other=0.0).to(tl.float32)
+    return (x.to(tl.float32) * cos + sign * pair * sin).to(x.dtype)
+
+
+@triton.jit
 def _decode_split_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
-    out_ptr, part_out_ptr, part_max_ptr, part_sum_ptr,
+    q_ptr, k_new_ptr, v_new_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
+    positions_ptr, cos_sin_ptr, slot_mapping_ptr, out_ptr, part_out_ptr, part_max_ptr, part_sum_ptr,
     qk_scale, window, num_splits,
-    stride_qb, stride_qh, stride_ob, stride_oh, stride_block, stride_slot, stride_head, stride_table,
+    stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_ob, stride_oh,
+    stride_block, stride_slot, stride_head, stride_table, stride_cos,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr, SLIDING: tl.constexpr,
-    PRECISION: tl.constexpr, PDL: tl.constexpr,
+    PRECISION: tl.constexpr, PDL: tl.constexpr, ROTARY: tl.constexpr, HALF_ROT: tl.constexpr, IS_NEOX: tl.constexpr,
 ):
     """One program per (sequence, KV head, split): the GROUP query heads that share the KV head (padded to BLOCK_G
     rows so tl.dot has M >= 16) attend over one contiguous share of the visible context. It writes the output, or
     with PARTIAL (num_splits > 1) unnormalised partials that _decode_reduce_kernel combines. num_splits is a
-    run-time argument so that each batch size's choice does not compile a new kernel."""
+    run-time argument so that each batch size's choice does not compile a new kernel.
+
+    The newest key (position seq_len - 1, this step's) is attended last, on its own. Every other key was cached by an
+    earlier step, so with PARTIAL the share's first tile of them is read before waiting for the previous kernel.
+    ROTARY: q and the newest k/v are this step's unrotated projections (q_ptr, k_new_ptr, v_new_ptr); the program
+    rotates q and k, and the program whose share holds the newest key also stores it at its slot (none for -1).
+    Otherwise q is rotated already and the newest key is in the cache."""
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    seq_len = tl.load(seq_lens_ptr + seq)  # a step input: read before waiting for the kernel that writes q and the KV
-    wait_for_previous(PDL)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    newest = seq_len - 1
     first = 0
     if SLIDING:
         first = tl.maximum(seq_len - window, 0)
     per_split = tl.cdiv(tl.cdiv(seq_len - first, num_splits), BLOCK_N) * BLOCK_N
     lo = first + split * per_split
     hi = tl.minimum(lo + per_split, seq_len)
+    cached_hi = tl.minimum(hi, newest)  # the share's keys from earlier steps end here
+
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    table = block_tables_ptr + seq * stride_table
+    k_base = k_cache_ptr + kv_head * stride_head
+    v_base = v_cache_ptr + kv_head * stride_head
+    rest = lo
+    if PARTIAL:  # a short share (small batches), whose first tile may be all of it: read it now
+        k_pos, k, v = _key_tile(
+            k_base, v_base, table, lo, cached_hi, stride_block, stride_slot, offs_d, d_mask, BLOCK_N, BLOCK_SIZE, True
+        )
+        rest += BLOCK_N
+    newest_block = tl.load(table + tl.maximum(newest, 0) // BLOCK_SIZE).to(tl.int64)
+    newest_row = newest_block * stride_block + (tl.maximum(newest, 0) % BLOCK_SIZE) * stride_slot
+    if ROTARY:
+        partner, sign, cos, sin = _rotation(positions_ptr + seq, cos_sin_ptr, stride_cos, offs_d, HALF_ROT, IS_NEOX)
+        slot = tl.load(slot_mapping_ptr + seq)
+    wait_for_previous(PDL)
 
     offs_g = tl.arange(0, BLOCK_G)
     heads = kv_head * GROUP + offs_g
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_DIM
     row_mask = (offs_g < GROUP)[:, None] & d_mask[None, :]
-    q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=row_mask, other=0.0)
+    q_rows = q_ptr + seq * stride_qb + heads[:, None] * stride_qh
+    if ROTARY:
+        q = _load_rotated(q_rows, offs_d[None, :], partner[None, :], sign[None, :], cos[None, :], sin[None, :], row_mask)
+    else:
+        q = tl.load(q_rows + offs_d[None, :], mask=row_mask, other=0.0)
 
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_G], _NO_MAX, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     # Every key in [lo, hi) is visible to the single query at seq_len - 1, so no causal or window mask is needed.
+    if PARTIAL:
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k, v, (k_pos < cached_hi)[None, :], qk_scale, PRECISION)
     acc, m_i, l_i = _attend_keys(
-        acc, m_i, l_i, q, offs_g, lo, hi,
-        k_cache_ptr + kv_head * stride_head, v_cache_ptr + kv_head * stride_head,
-        block_tables_ptr + seq * stride_table, qk_scale, window,
-        stride_block, stride_slot, offs_d, d_mask,
-        BLOCK_N, BLOCK_SIZE, True, False, False, PRECISION,
+        acc, m_i, l_i, q, offs_g, rest, cached_hi, k_base, v_base, table, qk_scale, window,
+        stride_block, stride_slot, offs_d, d_mask, BLOCK_N, BLOCK_SIZE, True, False, False, PRECISION,
     )
+    if (lo <= newest) & (newest < hi):
+        if ROTARY:
+            k_new = k_new_ptr + seq * stride_kb + kv_head * stride_kh
+            k_row = _load_rotated(k_new, offs_d, partner, sign, cos, sin, d_mask)
+            v_row = tl.load(v_new_ptr + seq * stride_vb + kv_head * stride_vh + offs_d, mask=d_mask, other=0.0)
+            if slot >= 0:
+                slot_row = (slot // BLOCK_SIZE) * stride_block + (slot % BLOCK_SIZE) * stride_slot
+                tl.store(k_base + slot_row + offs_d, k_row, mask=d_mask)
+                tl.store(v_base + slot_row + offs_d, v_row, mask=d_mask)
+        else:
+            k_row = tl.load(k_base + newest_row + offs_d, mask=d_mask, other=0.0)
+            v_row = tl.load(v_base + newest_row + offs_d, mask=d_mask, other=0.0)
+        # _softmax_step for one key, as vector products: the same roundings (p to v's dtype) without a padded tile.
+        s = tl.sum(q.to(tl.float32) * k_row.to(tl.float32)[None, :], 1) * qk_scale
+        m_new = tl.maximum(m_i, s)
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new)
+        l_i = l_i * alpha + p
+        acc = acc * alpha[:, None] + p.to(v_row.dtype).to(tl.float32)[:, None] * v_row.to(tl.float32)[None, :]
+        m_i = m_new
 
     if PARTIAL:
         part = (seq * GROUP * tl.num_programs(1) + heads) * num_splits + split  # [B, H, num_splits] row-major
@@ -383,19 +476,20 @@ def _window(sliding_window: int | None) -> int:
     return 0 if sliding_window is None else sliding_window
 
 
-def paged_decode_attention_triton(
+def _launch_decode(
     q: torch.Tensor,
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
-    sliding_window: int | None = None,
-    *,
-    num_splits: int | None = None,
+    sliding_window: int | None,
+    num_splits: int | None,
+    new_kv: tuple | None = None,
 ) -> torch.Tensor:
-    """paged_decode_attention in Triton (flash-decoding): each sequence's context is cut into num_splits shares
-    (chosen from shapes when None) attended in parallel and combined by a second kernel."""
+    """Flash-decoding: each sequence's context is cut into num_splits shares (chosen from shapes when None) attended
+    in parallel and combined by a second kernel. new_kv = (k, v, positions, cos_sin_cache, slot_mapping, is_neox)
+    makes q and k unrotated and the newest k/v not yet cached (rotary_decode_attention)."""
     q = _unit_stride(q)
     _check_cache(key_cache, value_cache)
     batch, num_heads, head_dim = q.shape
@@ -409,17 +503,23 @@ def paged_decode_attention_triton(
     part_out = torch.empty((*part_shape, head_dim), dtype=torch.float32, device=q.device) if num_splits > 1 else out
     part_max = torch.empty(part_shape, dtype=torch.float32, device=q.device) if num_splits > 1 else out
     part_sum = torch.empty(part_shape, dtype=torch.float32, device=q.device) if num_splits > 1 else out
+    if new_kv is None:  # the rotary arguments are not read: any tensors stand in
+        k, v, positions, cos_sin_cache, slot_mapping, is_neox = q, q, seq_lens, q, seq_lens, True
+    else:
+        k, v, positions, cos_sin_cache, slot_mapping, is_neox = new_kv
+        k, v = _unit_stride(k), _unit_stride(v)
     block_d = triton.next_power_of_2(head_dim)
     use_pdl = pdl(q)
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
-        q, key_cache, value_cache, block_tables, seq_lens, out, part_out, part_max, part_sum,
-        scale * _LOG2E, _window(sliding_window), num_splits,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), block_tables.stride(0),
+        q, k, v, key_cache, value_cache, block_tables, seq_lens, positions, cos_sin_cache, slot_mapping,
+        out, part_out, part_max, part_sum, scale * _LOG2E, _window(sliding_window), num_splits,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), block_tables.stride(0), cos_sin_cache.stride(0),
         GROUP=group, BLOCK_G=max(_MIN_DECODE_ROWS, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=block_n, PARTIAL=num_splits > 1,
-        SLIDING=sliding_window is not None, PRECISION=_precision(q.dtype), PDL=use_pdl, num_warps=_DECODE_WARPS,
-        launch_pdl=use_pdl,
+        SLIDING=sliding_window is not None, PRECISION=_precision(q.dtype), PDL=use_pdl,
+        ROTARY=new_kv is not None, HALF_ROT=cos_sin_cache.shape[-1] // 2 if new_kv is not None else 1,
+        IS_NEOX=is_neox, num_warps=_DECODE_WARPS, launch_pdl=use_pdl,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_heads)](
@@ -428,6 +528,66 @@ def paged_decode_attention_triton(
             num_warps=_DECODE_WARPS, launch_pdl=use_pdl,
         )
     return out
+
+
+def paged_decode_attention_triton(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    *,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """paged_decode_attention in Triton (flash-decoding); num_splits forces how many shares each context is cut into."""
+    return _launch_decode(q, key_cache, value_cache, block_tables, seq_lens, scale, sliding_window, num_splits)
+
+
+def rotary_decode_attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    is_neox: bool = True,
+) -> torch.Tensor:
+    """A decode step's attention from its unrotated projections: q [B, H, D], k/v [B, Hkv, D] of each sequence's
+    newest token (at position seq_lens[b] - 1), rotated and cached as rotary_and_cache does, then
+    paged_decode_attention. A row whose slot is -1 (padding) stores nothing, and its output is unspecified."""
+    q = rotary_and_cache_ref(q, k, v, positions, cos_sin_cache, key_cache, value_cache, slot_mapping, is_neox)
+    return paged_decode_attention_ref(q, key_cache, value_cache, block_tables, seq_lens, scale, sliding_window)
+
+
+def rotary_decode_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    is_neox: bool = True,
+    *,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """rotary_decode_attention without a rotary launch: the decode kernel rotates q and the newest k in registers,
+    and attends to the newest k/v from there while it stores them."""
+    new_kv = (k, v, positions, cos_sin_cache, slot_mapping, is_neox)
+    return _launch_decode(q, key_cache, value_cache, block_tables, seq_lens, scale, sliding_window, num_splits, new_kv)
 
 
 def _launch_prefill(
@@ -514,6 +674,26 @@ def paged_decode_attention(
 ) -> torch.Tensor:
     fn = paged_decode_attention_triton if q.is_cuda else paged_decode_attention_ref
     return fn(q, key_cache, value_cache, block_tables, seq_lens, scale, sliding_window)
+
+
+def rotary_decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    is_neox: bool = True,
+) -> torch.Tensor:
+    fn = rotary_decode_attention_triton if q.is_cuda else rotary_decode_attention_ref
+    args = (q, k, v, positions, cos_sin_cache, key_cache, value_cache, slot_mapping, block_tables, seq_lens, scale)
+    return fn(*args, sliding_window, is_neox)
 
 
 def paged_prefill_attention(

@@ -8,11 +8,15 @@ layer writes this step's keys and values into its slice of the paged KV cache (b
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 import kernels
+
+if TYPE_CHECKING:
+    from engine.layers.rotary import RotaryEmbedding
 
 
 @dataclass
@@ -56,6 +60,33 @@ class Attention(nn.Module):
             out = kernels.varlen_attention(q, k, v, meta.cu_seqlens_q, self.scale, self.causal, self.sliding_window)
             return out.flatten(1)
         kernels.write_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        return self.attend_cached(q, meta)
+
+    def attend_unrotated(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """q [T, H, D] and k/v [T, Hkv, D] as projected: rotates q and k, stores k and v in the cache and attends ->
+        [T, H*D]. A decode batch does all of it in the decode kernel, other batches in two launches."""
+        if meta.is_decode:
+            out = kernels.rotary_decode_attention(
+                q,
+                k,
+                v,
+                positions,
+                rotary.cos_sin_cache,
+                self.k_cache,
+                self.v_cache,
+                meta.slot_mapping,
+                meta.block_tables,
+                meta.seq_lens,
+                self.scale,
+                self.sliding_window,
+                rotary.is_neox,
+            )
+            return out.flatten(1)
+        cache = (self.k_cache, self.v_cache, meta.slot_mapping)
+        q = kernels.rotary_and_cache(q, k, v, positions, rotary.cos_sin_cache, *cache, rotary.is_neox)
         return self.attend_cached(q, meta)
 
     def attend_cached(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """The llama family: Llama, Mistral (sliding window), Qwen2 (q/k/v biases), SmolLM2 (a Llama with tied embeddings).
 
-q/k/v and gate/up are each one fused matmul; a step of one or two tokens on the GPU takes a path of five launches per
-layer (LlamaModel.fuses). `map_checkpoint_name` is the single place that says where an HF
+q/k/v and gate/up are each one fused matmul; a step of one or two tokens on the GPU takes a path of four launches per
+layer besides the attention's (LlamaModel.fuses). `map_checkpoint_name` is the single place that says where an HF
 checkpoint tensor goes, so a tensor-parallel loader can shard at load time.
 """
 
@@ -75,26 +75,17 @@ class LlamaAttention(nn.Module):
     def forward_fused(
         self, positions: torch.Tensor, hidden: torch.Tensor, norm: RMSNorm, meta: AttentionMetadata
     ) -> torch.Tensor:
-        """hidden + attention(norm(hidden)) in three launches and the attention's: the norm runs inside the q/k/v
-        projection, rotary inside the KV-cache write, the residual add inside the output projection."""
+        """hidden + attention(norm(hidden)) in two launches and the attention's: the norm runs inside the q/k/v
+        projection, rotary and the KV-cache write inside the attention (a decode step's) or beside it, the residual add
+        inside the output projection."""
         qkv = kernels.fused_linear(
             hidden, self.qkv_proj.weight, self.qkv_proj.bias, norm_weight=norm.weight, eps=norm.eps
         )
         q, k, v = qkv.split(self.splits, dim=-1)
         kv_shape = (-1, self.num_kv_heads, self.head_dim)
-        attn, rotary = self.attn, self.rotary
-        q = kernels.rotary_and_cache(
-            q.view(-1, self.num_heads, self.head_dim),
-            k.view(kv_shape),
-            v.view(kv_shape),
-            positions,
-            rotary.cos_sin_cache,
-            attn.k_cache,
-            attn.v_cache,
-            meta.slot_mapping,
-            rotary.is_neox,
-        )
-        return kernels.fused_linear(attn.attend_cached(q, meta), self.o_proj.weight, self.o_proj.bias, residual=hidden)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        attn = self.attn.attend_unrotated(q, k.view(kv_shape), v.view(kv_shape), positions, self.rotary, meta)
+        return kernels.fused_linear(attn, self.o_proj.weight, self.o_proj.bias, residual=hidden)
 
 
 class LlamaMLP(nn.Module):
@@ -137,7 +128,8 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(hidden), residual
 
     def forward_fused(self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """The same layer for a few tokens, as five launches over the residual stream (see LlamaModel.forward)."""
+        """The same layer for a few tokens, as four launches and the attention's over the residual stream (see
+        LlamaModel.forward)."""
         hidden = self.self_attn.forward_fused(positions, hidden, self.input_layernorm, meta)
         return self.mlp.forward_fused(hidden, self.post_attention_layernorm)
 

@@ -15,6 +15,8 @@ from kernels.attention import (
     paged_decode_attention_triton,
     paged_prefill_attention_ref,
     paged_prefill_attention_triton,
+    rotary_decode_attention_ref,
+    rotary_decode_attention_triton,
     varlen_attention_ref,
     varlen_attention_triton,
 )
@@ -41,6 +43,38 @@ def make_paged_cache(seq_lens, num_kv_heads, head_dim, block_size, dtype, device
         used += n
     lens = torch.tensor(seq_lens, dtype=torch.int32)
     return key_cache, value_cache, tables.to(device, torch.int32), lens.to(device)
+
+
+def rope_cache(rot_dim, max_positions, device=DEVICE):
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, rot_dim, 2, dtype=torch.float32) / rot_dim))
+    angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+    return torch.cat((angles.cos(), angles.sin()), dim=-1).to(device)
+
+
+def check_rotary_decode(fn, seq_lens, heads, head_dim, block_size, dtype, sliding_window, is_neox, rot_dim, **kw):
+    """A decode step from a fused qkv projection: fn against the reference (rotary_and_cache, then decode attention)
+    on its own copy of the caches. Sequence 1 is a CUDA-graph padding row (slot -1): it stores nothing and its output
+    is not compared. Returns the output and the reference."""
+    num_heads, num_kv_heads = heads
+    key_cache, value_cache, tables, lens = make_paged_cache(seq_lens, num_kv_heads, head_dim, block_size, dtype)
+    batch = len(seq_lens)
+    qkv = randn(batch, (num_heads + 2 * num_kv_heads) * head_dim, dtype=dtype)
+    q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
+    q, k, v = q.view(batch, num_heads, -1), k.view(batch, num_kv_heads, -1), v.view(batch, num_kv_heads, -1)
+    positions = (lens - 1).long()
+    slots = tables.long().gather(1, positions[:, None] // block_size)[:, 0] * block_size + positions % block_size
+    slots[1] = -1
+    cos_sin = rope_cache(rot_dim, 4096)
+    ref_caches = key_cache.clone(), value_cache.clone()
+    args = (q, k, v, positions, cos_sin)
+    ref = rotary_decode_attention_ref(*args, *ref_caches, slots, tables, lens, 0.2, sliding_window, is_neox)
+    out = fn(*args, key_cache, value_cache, slots, tables, lens, 0.2, sliding_window, is_neox, **kw)
+    tolerance = TOLERANCE[dtype]
+    torch.testing.assert_close(key_cache, ref_caches[0], **tolerance)  # rotated in float32 by both: one rounding
+    assert torch.equal(value_cache, ref_caches[1])
+    keep = [b for b in range(batch) if b != 1]
+    torch.testing.assert_close(out[keep], ref[keep], **tolerance)
+    return out[keep], ref[keep]
 
 
 def cu_seqlens_of(q_lens, device=DEVICE):
@@ -78,6 +112,17 @@ def test_decode_padded_sequence_is_zero_and_strided_query_is_read_correctly():
     ref = paged_decode_attention_ref(q, key_cache, value_cache, tables, seq_lens, 0.125)
     assert torch.equal(out[0], torch.zeros_like(out[0]))
     torch.testing.assert_close(out, ref, **TOLERANCE[torch.float16])
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("sliding_window", [None, 7])
+@pytest.mark.parametrize("is_neox,rot_dim", [(True, 32), (False, 32), (True, 16)])  # full and partial rotation
+def test_rotary_decode_matches_rotary_and_cache_then_decode(num_splits, sliding_window, is_neox, rot_dim):
+    """The newest key of each sequence sits at the start of a tile (17 = 16 + 1), mid-block, or alone (length 1)."""
+    check_rotary_decode(
+        rotary_decode_attention_triton, [1, 5, 17, 70], (6, 2), 32, 16, torch.float16, sliding_window, is_neox,
+        rot_dim, num_splits=num_splits,
+    )
 
 
 @pytest.mark.parametrize("sliding_window", [None, 9])
@@ -132,6 +177,20 @@ def test_gpu_decode(dtype, heads, block_size, seq_lens, sliding_window):
     assert not out.isnan().any()
     assert relative_error(out, ref) < 1e-2
     torch.testing.assert_close(out, ref, **TOLERANCE[dtype])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads", MODEL_HEADS)
+@pytest.mark.parametrize("seq_lens,sliding_window", [([8191, 1], None), ([1, 1, 300, 2048, 17, 1000], None), ([5000, 1], 1024)])
+def test_gpu_rotary_decode(dtype, heads, seq_lens, sliding_window):
+    num_heads, num_kv_heads, head_dim = heads
+    for is_neox in (True, False):
+        out, ref = check_rotary_decode(
+            kernels.rotary_decode_attention, seq_lens, (num_heads, num_kv_heads), head_dim, 16, dtype, sliding_window,
+            is_neox, head_dim,
+        )
+        assert relative_error(out, ref) < 1e-2
 
 
 @pytest.mark.gpu
