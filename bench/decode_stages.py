@@ -38,7 +38,7 @@ def step_seconds(model_dir: Path, skip: str | None, shape: dict[str, Any]) -> fl
     import kernels
     from engine import LLM, SamplingParams
 
-    saved = {name: getattr(kernels, name) for name in ("fused_linear", "rotary_and_cache", "paged_decode_attention")}
+    saved = {name: getattr(kernels, name) for name in ("fused_linear", "rotary_decode_attention")}
     skipped_weights = {projections(shape)[skip]} if skip in projections(shape) else set()
 
     def fused_linear(x, weight, bias=None, *, residual=None, **kwargs):
@@ -48,10 +48,8 @@ def step_seconds(model_dir: Path, skip: str | None, shape: dict[str, Any]) -> fl
         return saved["fused_linear"](x, weight, bias, residual=residual, **kwargs)
 
     kernels.fused_linear = fused_linear
-    if skip == "rotary_and_cache":
-        kernels.rotary_and_cache = lambda q, *args: q
-    if skip == "attention":
-        kernels.paged_decode_attention = lambda q, *args: q
+    if skip == "attention":  # with rotary and the KV-cache write, which a decode step does inside it
+        kernels.rotary_decode_attention = lambda q, *args: q
     try:
         llm = LLM(str(model_dir), dtype="bfloat16", max_num_seqs=8, max_model_len=2048)
         llm.generate([list(range(2, 130))], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
@@ -90,7 +88,7 @@ def main() -> None:
         report["step_us"] = round(whole * 1e6, 1)
         print(f"[{args.shape}] whole step {whole * 1e6:.1f} us", flush=True)
         weights = {name: 2 * n * k for name, (n, k) in projections(shape).items()}
-        for stage in [*weights, "rotary_and_cache", "attention"]:
+        for stage in [*weights, "attention"]:
             per_layer = (whole - step_seconds(model_dir, stage, shape)) / layers
             floor = weights.get(stage, 0) / bandwidth
             report["stages"][stage] = dict(us_per_layer=round(per_layer * 1e6, 2), floor_us=round(floor * 1e6, 2))
