@@ -267,10 +267,19 @@ def _decode_split_kernel(
     heads = kv_head * GROUP + offs_g
     row_mask = (offs_g < GROUP)[:, None] & d_mask[None, :]
     q_rows = q_ptr + seq * stride_qb + heads[:, None] * stride_qh
+    # The newest key and value are read with q, not after the cached keys: no read waits on arithmetic.
+    owns_newest = (lo <= newest) & (newest < hi)
+    newest_mask = tl.where(owns_newest, d_mask, False)
     if ROTARY:
         q = _load_rotated(q_rows, offs_d[None, :], partner[None, :], sign[None, :], cos[None, :], sin[None, :], row_mask)
+        k_row = _load_rotated(
+            k_new_ptr + seq * stride_kb + kv_head * stride_kh, offs_d, partner, sign, cos, sin, newest_mask
+        )
+        v_row = tl.load(v_new_ptr + seq * stride_vb + kv_head * stride_vh + offs_d, mask=newest_mask, other=0.0)
     else:
         q = tl.load(q_rows + offs_d[None, :], mask=row_mask, other=0.0)
+        k_row = tl.load(k_base + newest_row + offs_d, mask=newest_mask, other=0.0)
+        v_row = tl.load(v_base + newest_row + offs_d, mask=newest_mask, other=0.0)
 
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_G], _NO_MAX, dtype=tl.float32)
@@ -282,18 +291,12 @@ def _decode_split_kernel(
         acc, m_i, l_i, q, offs_g, rest, cached_hi, k_base, v_base, table, qk_scale, window,
         stride_block, stride_slot, offs_d, d_mask, BLOCK_N, BLOCK_SIZE, True, False, False, PRECISION,
     )
-    if (lo <= newest) & (newest < hi):
+    if owns_newest:
         if ROTARY:
-            k_new = k_new_ptr + seq * stride_kb + kv_head * stride_kh
-            k_row = _load_rotated(k_new, offs_d, partner, sign, cos, sin, d_mask)
-            v_row = tl.load(v_new_ptr + seq * stride_vb + kv_head * stride_vh + offs_d, mask=d_mask, other=0.0)
             if slot >= 0:
                 slot_row = (slot // BLOCK_SIZE) * stride_block + (slot % BLOCK_SIZE) * stride_slot
                 tl.store(k_base + slot_row + offs_d, k_row, mask=d_mask)
                 tl.store(v_base + slot_row + offs_d, v_row, mask=d_mask)
-        else:
-            k_row = tl.load(k_base + newest_row + offs_d, mask=d_mask, other=0.0)
-            v_row = tl.load(v_base + newest_row + offs_d, mask=d_mask, other=0.0)
         # _softmax_step for one key, as vector products: the same roundings (p to v's dtype) without a padded tile.
         s = tl.sum(q.to(tl.float32) * k_row.to(tl.float32)[None, :], 1) * qk_scale
         m_new = tl.maximum(m_i, s)

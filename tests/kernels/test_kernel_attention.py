@@ -64,7 +64,7 @@ def check_rotary_decode(fn, seq_lens, heads, head_dim, block_size, dtype, slidin
     positions = (lens - 1).long()
     slots = tables.long().gather(1, positions[:, None] // block_size)[:, 0] * block_size + positions % block_size
     slots[1] = -1
-    cos_sin = rope_cache(rot_dim, 4096)
+    cos_sin = rope_cache(rot_dim, max(seq_lens))
     ref_caches = key_cache.clone(), value_cache.clone()
     args = (q, k, v, positions, cos_sin)
     ref = rotary_decode_attention_ref(*args, *ref_caches, slots, tables, lens, 0.2, sliding_window, is_neox)
