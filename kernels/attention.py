@@ -216,20 +216,18 @@ def _load_rotated(row_ptr, offs_d, partner, sign, cos, sin, mask):
 @triton.jit
 def _decode_split_kernel(
     q_ptr, k_new_ptr, v_new_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
-    positions_ptr, cos_sin_ptr, slot_mapping_ptr, out_ptr, part_out_ptr, part_max_ptr, part_sum_ptr, arrivals_ptr,
+    positions_ptr, cos_sin_ptr, slot_mapping_ptr, out_ptr, part_out_ptr, part_max_ptr, part_sum_ptr,
     qk_scale, window, num_splits,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_ob, stride_oh,
     stride_block, stride_slot, stride_head, stride_table, stride_cos,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr, BLOCK_S: tl.constexpr,
-    SLIDING: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr, ROTARY: tl.constexpr, HALF_ROT: tl.constexpr,
-    IS_NEOX: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr, SLIDING: tl.constexpr,
+    PRECISION: tl.constexpr, PDL: tl.constexpr, ROTARY: tl.constexpr, HALF_ROT: tl.constexpr, IS_NEOX: tl.constexpr,
 ):
     """One program per (sequence, KV head, split): the GROUP query heads that share the KV head (padded to BLOCK_G
     rows so tl.dot has M >= 16) attend over one contiguous share of the visible context. It writes the output, or
-    with PARTIAL (num_splits > 1) unnormalised partials, which the last program of its (sequence, KV head) to finish
-    combines (_combine_partials). num_splits is a run-time argument so that each batch size's choice does not compile
-    a new kernel.
+    with PARTIAL (num_splits > 1) unnormalised partials that _decode_reduce_kernel combines. num_splits is a
+    run-time argument so that each batch size's choice does not compile a new kernel.
 
     The newest key (position seq_len - 1, this step's) is attended last, on its own. Every other key was cached by an
     earlier step, so with PARTIAL the share's first tile of them is read before waiting for the previous kernel.
@@ -308,51 +306,36 @@ def _decode_split_kernel(
         acc = acc * alpha[:, None] + p.to(v_row.dtype).to(tl.float32)[:, None] * v_row.to(tl.float32)[None, :]
         m_i = m_new
 
-    out_ptrs = out_ptr + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
     if PARTIAL:
-        heads_part = (seq * GROUP * tl.num_programs(1) + heads) * num_splits  # partials are [B, H, num_splits]
-        tl.store(part_out_ptr + (heads_part + split)[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_mask)
-        tl.store(part_max_ptr + heads_part + split, m_i, mask=offs_g < GROUP)
-        tl.store(part_sum_ptr + heads_part + split, l_i, mask=offs_g < GROUP)
-        # The barrier puts every thread's stores before the count, a release at GPU scope; the last program to count
-        # acquires the others' partials with it. It zeroes the counter for the next launch, which runs after this one.
-        tl.debug_barrier()
-        arrivals = arrivals_ptr + seq * tl.num_programs(1) + kv_head
-        if tl.atomic_add(arrivals, 1, sem="acq_rel") == num_splits - 1:
-            tl.store(arrivals, 0)
-            used = tl.minimum(tl.cdiv(seq_len - first, tl.maximum(per_split, 1)), num_splits)
-            out = _combine_partials(
-                part_out_ptr, part_max_ptr, part_sum_ptr, heads_part, used, num_splits, offs_g < GROUP, offs_d,
-                row_mask, HEAD_DIM, BLOCK_G, BLOCK_D, BLOCK_S,
-            )
-            tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_mask)
+        part = (seq * GROUP * tl.num_programs(1) + heads) * num_splits + split  # [B, H, num_splits] row-major
+        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_mask)
+        tl.store(part_max_ptr + part, m_i, mask=offs_g < GROUP)
+        tl.store(part_sum_ptr + part, l_i, mask=offs_g < GROUP)
     else:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        out_ptrs = out_ptr + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
         tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_mask)
 
 
 @triton.jit
-def _combine_partials(
-    part_out_ptr, part_max_ptr, part_sum_ptr, heads_part, used, num_splits, head_mask, offs_d, row_mask,
-    HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+def _decode_reduce_kernel(
+    part_out_ptr, part_max_ptr, part_sum_ptr, out_ptr, num_splits, stride_ob, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr,
 ):
-    """The attention output of a KV group's heads [BLOCK_G, BLOCK_D] from their splits' partials: each rescaled to
-    the global max and the sum normalised. Only the first `used` splits saw keys (the rest weigh 0). Reads bypass L1:
-    other programs wrote them."""
-    offs_s = tl.arange(0, BLOCK_S)
-    s_mask = head_mask[:, None] & (offs_s < num_splits)[None, :]
-    parts = heads_part[:, None] + offs_s[None, :]
-    m = tl.load(part_max_ptr + parts, mask=s_mask, other=_NO_MAX, cache_modifier=".cg")
-    weight = tl.exp2(m - tl.max(m, 1)[:, None])
-    total = tl.sum(weight * tl.load(part_sum_ptr + parts, mask=s_mask, other=0.0, cache_modifier=".cg"), 1)
-    out = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-    for split in range(0, used):
-        acc = tl.load(
-            part_out_ptr + (heads_part + split)[:, None] * HEAD_DIM + offs_d[None, :], mask=row_mask, other=0.0,
-            cache_modifier=".cg",
-        )
-        out += tl.sum(tl.where(offs_s[None, :] == split, weight, 0.0), 1)[:, None] * acc
-    return out / tl.where(total == 0.0, 1.0, total)[:, None]
+    """One program per (sequence, query head): rescale each split's partial to the global max and normalise."""
+    wait_for_previous(PDL)
+    seq, head = tl.program_id(0), tl.program_id(1)
+    part = (seq * tl.num_programs(1) + head) * num_splits + tl.arange(0, BLOCK_S)
+    s_mask = tl.arange(0, BLOCK_S) < num_splits
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    m = tl.load(part_max_ptr + part, mask=s_mask, other=float("-inf"))
+    weight = tl.exp2(m - tl.max(m, 0))
+    total = tl.sum(weight * tl.load(part_sum_ptr + part, mask=s_mask, other=0.0), 0)
+    acc_ptrs = part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :]
+    acc = tl.load(acc_ptrs, mask=s_mask[:, None] & d_mask[None, :], other=0.0)
+    out = tl.sum(weight[:, None] * acc, 0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(out_ptr + seq * stride_ob + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
 @triton.jit
@@ -451,25 +434,7 @@ def _prefill_kernel(
 _DECODE_WARPS = 4
 _MIN_DECODE_ROWS = 16
 _MIN_SPLIT_TOKENS = 64  # one key tile: a split shorter than that only adds partials to combine
-_REDUCE_ELEMENTS = 8192  # splits x head_dim: a bound on the partials one program combines
-_ARRIVALS = 4096  # (sequence, KV head) pairs a split decode counts; splitting only pays below ~2 programs an SM
-
-
-@functools.cache
-def _arrival_counters(device: torch.device) -> torch.Tensor:
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError("run paged decode attention once before capturing it in a CUDA graph (it allocates)")
-    return torch.zeros(_ARRIVALS, dtype=torch.int32, device=device)
-
-
-def _arrivals(device: torch.device, pairs: int) -> torch.Tensor:
-    """Zeroed int32 counters, one per (sequence, KV head), in which split programs count their arrivals; the last to
-    arrive zeroes its counter again. One set per device, shared by every launch: launches must not overlap (one
-    stream). Allocated at the first split decode, outside any CUDA graph capture (the engine warms each graph up
-    first): an allocation inside a capture would not be zeroed."""
-    if pairs > _ARRIVALS:
-        raise ValueError(f"a split decode takes at most {_ARRIVALS} (sequence, KV head) pairs, got {pairs}")
-    return _arrival_counters(device)
+_REDUCE_ELEMENTS = 8192  # splits x head_dim a reduce program holds: 64 fp32 registers per thread at 4 warps
 
 
 def _prefill_tile(head_dim: int) -> tuple[int, int]:
@@ -489,7 +454,7 @@ def _multiprocessors(device: torch.device) -> int:
 def _decode_splits(batch: int, num_kv_heads: int, head_dim: int, context_capacity: int, device: torch.device) -> int:
     """Enough splits of the context for about two programs per multiprocessor (batch 1 at long context would
     otherwise leave most of the GPU idle, and short splits keep each program's chain of dependent loads short),
-    none shorter than _MIN_SPLIT_TOKENS of the block table's capacity, no more than _REDUCE_ELEMENTS allows.
+    none shorter than _MIN_SPLIT_TOKENS of the block table's capacity, no more than one reduce program holds.
     Shapes only, no look at seq_lens: the choice is fixed for a CUDA graph."""
     wanted = triton.cdiv(2 * _multiprocessors(device), batch * num_kv_heads)
     most = _REDUCE_ELEMENTS // triton.next_power_of_2(head_dim)
@@ -526,7 +491,7 @@ def _launch_decode(
     new_kv: tuple | None = None,
 ) -> torch.Tensor:
     """Flash-decoding: each sequence's context is cut into num_splits shares (chosen from shapes when None) attended
-    in parallel and combined by the last program to finish. new_kv = (k, v, positions, cos_sin_cache, slot_mapping, is_neox)
+    in parallel and combined by a second kernel. new_kv = (k, v, positions, cos_sin_cache, slot_mapping, is_neox)
     makes q and k unrotated and the newest k/v not yet cached (rotary_decode_attention)."""
     q = _unit_stride(q)
     _check_cache(key_cache, value_cache)
@@ -550,16 +515,21 @@ def _launch_decode(
     use_pdl = pdl(q)
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q, k, v, key_cache, value_cache, block_tables, seq_lens, positions, cos_sin_cache, slot_mapping,
-        out, part_out, part_max, part_sum, _arrivals(q.device, batch * num_kv_heads) if num_splits > 1 else out,
-        scale * _LOG2E, _window(sliding_window), num_splits,
+        out, part_out, part_max, part_sum, scale * _LOG2E, _window(sliding_window), num_splits,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), block_tables.stride(0), cos_sin_cache.stride(0),
         GROUP=group, BLOCK_G=max(_MIN_DECODE_ROWS, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=block_n, PARTIAL=num_splits > 1,
-        BLOCK_S=triton.next_power_of_2(num_splits), SLIDING=sliding_window is not None, PRECISION=_precision(q.dtype), PDL=use_pdl,
+        SLIDING=sliding_window is not None, PRECISION=_precision(q.dtype), PDL=use_pdl,
         ROTARY=new_kv is not None, HALF_ROT=cos_sin_cache.shape[-1] // 2 if new_kv is not None else 1,
         IS_NEOX=is_neox, num_warps=_DECODE_WARPS, launch_pdl=use_pdl,
     )
+    if num_splits > 1:
+        _decode_reduce_kernel[(batch, num_heads)](
+            part_out, part_max, part_sum, out, num_splits, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits), PDL=use_pdl,
+            num_warps=_DECODE_WARPS, launch_pdl=use_pdl,
+        )
     return out
 
 

@@ -81,7 +81,7 @@ ATTENTION_SHAPES = [(7, 64, 16), (3, 64, 32), (4, 128, 16), (2, 256, 16)]
 
 def attention_kernels(dtype: str, shapes: list[tuple[int, int, int]]) -> list[bool]:
     tables = {"block_tables_ptr": "i32", "seq_lens_ptr": "i32", "cu_seqlens_q_ptr": "i32"}
-    partials = {"part_out_ptr": "fp32", "part_max_ptr": "fp32", "part_sum_ptr": "fp32", "arrivals_ptr": "i32"}
+    partials = {"part_out_ptr": "fp32", "part_max_ptr": "fp32", "part_sum_ptr": "fp32"}
     rotary_inputs = {"positions_ptr": "i64", "cos_sin_ptr": "fp32", "slot_mapping_ptr": "i64"}
     pipelined = []
     for group, head_dim, block_size in shapes:
@@ -89,9 +89,11 @@ def attention_kernels(dtype: str, shapes: list[tuple[int, int, int]]) -> list[bo
                       PRECISION="ieee" if dtype == "fp32" else "tf32")
         for partial in (False, True):  # the fused rotary variant with partials (the batch-1 decode path)
             decode = dict(common, BLOCK_G=16, BLOCK_SIZE=block_size, PARTIAL=partial, SLIDING=partial, ROTARY=partial,
-                          HALF_ROT=head_dim // 2, IS_NEOX=True, BLOCK_S=attention._REDUCE_ELEMENTS // head_dim)
+                          HALF_ROT=head_dim // 2, IS_NEOX=True)
             pointers = {**tables, **partials, **rotary_inputs}
             pipelined.append(compile_for_h100(attention._decode_split_kernel, dtype, pointers, decode))
+        reduce = dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_S=attention._REDUCE_ELEMENTS // head_dim)
+        compile_for_h100(attention._decode_reduce_kernel, dtype, partials, reduce)
         block_g = triton.next_power_of_2(group)
         rows, warps = attention._prefill_tile(head_dim)
         for paged, causal, sliding in [(True, True, False), (True, True, True), (False, False, False)]:
