@@ -11,7 +11,6 @@ Each stage's cost is printed per layer beside the time its weights take at the c
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import tempfile
@@ -20,7 +19,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.gpu_bench import SHAPES, copy_bandwidth, free_gpu, graph_replay_seconds, write_random_model  # noqa: E402
+from bench.gpu_bench import (  # noqa: E402
+    SHAPES,
+    copy_bandwidth,
+    free_gpu,
+    graph_replay_seconds,
+    write_random_model,
+    write_report,
+)
 
 
 def projections(shape: dict[str, Any]) -> dict[str, tuple[int, int]]:
@@ -94,11 +100,7 @@ def main() -> None:
             report["stages"][stage] = dict(us_per_layer=round(per_layer * 1e6, 2), floor_us=round(floor * 1e6, 2))
             print(f"[{args.shape}] {stage}: {per_layer * 1e6:.2f} us a layer (weights at copy bandwidth: "
                   f"{floor * 1e6:.2f} us)", flush=True)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.output_json:
-        args.output_json.parent.mkdir(parents=True, exist_ok=True)
-        args.output_json.write_text(text + "\n")
+    write_report(report, args.output_json)
 
 
 if __name__ == "__main__":

@@ -256,11 +256,12 @@ def _decode_split_kernel(
             k_base, v_base, table, lo, cached_hi, stride_block, stride_slot, offs_d, d_mask, BLOCK_N, BLOCK_SIZE, True
         )
         rest += BLOCK_N
-    newest_block = tl.load(table + tl.maximum(newest, 0) // BLOCK_SIZE).to(tl.int64)
-    newest_row = newest_block * stride_block + (tl.maximum(newest, 0) % BLOCK_SIZE) * stride_slot
     if ROTARY:
         partner, sign, cos, sin = _rotation(positions_ptr + seq, cos_sin_ptr, stride_cos, offs_d, HALF_ROT, IS_NEOX)
         slot = tl.load(slot_mapping_ptr + seq)
+    else:  # where the newest key is (the previous kernel stores it there)
+        newest_block = tl.load(table + tl.maximum(newest, 0) // BLOCK_SIZE).to(tl.int64)
+        newest_row = newest_block * stride_block + (tl.maximum(newest, 0) % BLOCK_SIZE) * stride_slot
     wait_for_previous(PDL)
 
     offs_g = tl.arange(0, BLOCK_G)
