@@ -353,7 +353,9 @@ def _find_sequence(cu_seqlens_ptr, num_seqs, tile, BLOCK_Q: tl.constexpr):
     return lo
 
 
-@triton.jit
+# The batch's sequence count varies step to step: unspecialised, it does not compile a variant for 1, for multiples of
+# 16 and for the rest (each compile takes seconds on the GPU host's CPU, paid by the first steps that meet it).
+@triton.jit(do_not_specialize=["num_seqs"])
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, block_tables_ptr, cu_seqlens_q_ptr, seq_lens_ptr, out_ptr,
     qk_scale, window, num_seqs,
