@@ -68,24 +68,13 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """q [T, H, D] and k/v [T, Hkv, D] as projected: rotates q and k, stores k and v in the cache and attends ->
         [T, H*D]. A decode batch does all of it in the decode kernel, other batches in two launches."""
+        cache = (self.k_cache, self.v_cache, meta.slot_mapping)
         if meta.is_decode:
             out = kernels.rotary_decode_attention(
-                q,
-                k,
-                v,
-                positions,
-                rotary.cos_sin_cache,
-                self.k_cache,
-                self.v_cache,
-                meta.slot_mapping,
-                meta.block_tables,
-                meta.seq_lens,
-                self.scale,
-                self.sliding_window,
-                rotary.is_neox,
+                q, k, v, positions, rotary.cos_sin_cache, *cache, meta.block_tables, meta.seq_lens, self.scale,
+                self.sliding_window, rotary.is_neox,
             )
             return out.flatten(1)
-        cache = (self.k_cache, self.v_cache, meta.slot_mapping)
         q = kernels.rotary_and_cache(q, k, v, positions, rotary.cos_sin_cache, *cache, rotary.is_neox)
         return self.attend_cached(q, meta)
 
