@@ -4,7 +4,7 @@ load, each next to a baseline measured in the same run.
     python -m bench.apply --clients 4     # from the repo root; writes bench/results/apply.json
 
 1. Start: `vdeploy apply` of the quick start until it returns (ready behind the router), against the baseline of
-   `python -m engine.server` with the same plan started by hand until /health answers; alternated, medians compared.
+   `python -m vdeploy_engine.server` with the same plan started by hand until /health answers; alternated, medians compared.
 2. Rollout under load: `--clients` threads send short completions while `vdeploy apply` rolls out a changed recipe,
    against the baseline of restarting the engine by hand on its port. Failed attempts are counted (a refused
    connection is retried after 0.1 s, so the baseline's count measures its downtime).
@@ -95,7 +95,7 @@ def wait_healthy(url: str, timeout: float = 600) -> None:
 
 
 def start_engine(plan_path: Path, port: int, log) -> subprocess.Popen:
-    argv = [sys.executable, "-m", "engine.server", "--config", str(plan_path), "--port", str(port)]
+    argv = [sys.executable, "-m", "vdeploy_engine.server", "--config", str(plan_path), "--port", str(port)]
     return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
 
 

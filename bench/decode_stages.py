@@ -41,10 +41,10 @@ def step_seconds(model_dir: Path, skip: str | None, shape: dict[str, Any]) -> fl
     """One batch-1 decode graph replay with the stage `skip` left out (None: the whole step)."""
     import torch
 
-    import kernels
-    from engine import LLM, SamplingParams
+    from vdeploy_engine import LLM, SamplingParams
+    from vdeploy_kernels import ops
 
-    saved = {name: getattr(kernels, name) for name in ("fused_linear", "rotary_decode_attention")}
+    saved = {name: getattr(ops, name) for name in ("fused_linear", "rotary_decode_attention")}
     skipped_weights = {projections(shape)[skip]} if skip in projections(shape) else set()
 
     def fused_linear(x, weight, bias=None, *, residual=None, **kwargs):
@@ -53,16 +53,16 @@ def step_seconds(model_dir: Path, skip: str | None, shape: dict[str, Any]) -> fl
             return residual if residual is not None else unwritten
         return saved["fused_linear"](x, weight, bias, residual=residual, **kwargs)
 
-    kernels.fused_linear = fused_linear
+    ops.fused_linear = fused_linear
     if skip == "attention":  # with rotary and the KV-cache write, which a decode step does inside it
-        kernels.rotary_decode_attention = lambda q, *args: q
+        ops.rotary_decode_attention = lambda q, *args: q
     try:
         llm = LLM(str(model_dir), dtype="bfloat16", max_num_seqs=8, max_model_len=2048)
         llm.generate([list(range(2, 130))], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
         seconds = graph_replay_seconds(llm)
     finally:
         for name, fn in saved.items():
-            setattr(kernels, name, fn)
+            setattr(ops, name, fn)
     del llm
     free_gpu()
     return seconds
@@ -76,7 +76,7 @@ def main() -> None:
 
     import torch
 
-    import kernels.launch
+    import vdeploy_kernels.launch
 
     shape = SHAPES[args.shape]
     layers = shape["num_hidden_layers"]
@@ -84,7 +84,7 @@ def main() -> None:
     report: dict[str, Any] = dict(
         command="python3 " + shlex.join(sys.argv),
         gpu=torch.cuda.get_device_name(),
-        pdl=kernels.launch.pdl(torch.empty(0, device="cuda")),
+        pdl=vdeploy_kernels.launch.pdl(torch.empty(0, device="cuda")),
         copy_bytes_per_s=round(bandwidth),
         stages={},
     )

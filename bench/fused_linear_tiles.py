@@ -26,7 +26,7 @@ from triton import next_power_of_2
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.kernels import copies, copy_bandwidth_gbs, rotating, time_ms  # noqa: E402
-from kernels.linear import _linear_config, fused_linear_ref, fused_linear_triton  # noqa: E402
+from vdeploy_kernels.linear import _linear_config, fused_linear_ref, fused_linear_triton  # noqa: E402
 
 # (name, K, N, prologue, bias, residual) per projection; prologue is "norm", "gate_up" or None.
 MODELS = {

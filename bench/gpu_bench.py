@@ -100,7 +100,7 @@ def free_gpu() -> None:
 
 def generate_seconds(llm: Any, workload: list[tuple[list[int], int]]) -> float:
     """Wall time of one offline generate over the workload (greedy, ignore_eos)."""
-    from engine import SamplingParams
+    from vdeploy_engine import SamplingParams
 
     params = [SamplingParams(temperature=0, max_tokens=out, ignore_eos=True) for _, out in workload]
     start = time.perf_counter()
@@ -115,7 +115,7 @@ def run_ours(
     model_dir: Path, requests: list[tuple[list[int], int]], warmup: list[tuple[list[int], int]], **engine_args: Any
 ) -> dict:
     """Times `requests` after running `warmup` (whose time is recorded too)."""
-    from engine import LLM
+    from vdeploy_engine import LLM
 
     llm = LLM(str(model_dir), dtype="bfloat16", **engine_args)
     warmup_seconds = generate_seconds(llm, warmup)
@@ -187,7 +187,7 @@ def batch1_decode(
     model_dir: Path, weight_bytes: int, bandwidth: float, profile_path: Path | None = None, **engine_args: Any
 ) -> dict:
     """Per-token decode time at batch 1: (time for 1 + N tokens - time for 1 token) / N, prompt of 128 tokens."""
-    from engine import LLM, SamplingParams
+    from vdeploy_engine import LLM, SamplingParams
 
     llm = LLM(str(model_dir), dtype="bfloat16", **engine_args)
     prompt = list(range(2, 130))
@@ -234,7 +234,7 @@ def write_decode_profile(llm: Any, prompt: list[int], path: Path) -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from engine import SamplingParams
+    from vdeploy_engine import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=65, ignore_eos=True)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -271,8 +271,8 @@ def memory_accuracy(model_dir: Path, settings: list[dict]) -> list[dict]:
     torch.cuda.max_memory_reserved() after start-up and a full-batch workload."""
     import torch
 
-    from engine import LLM, SamplingParams
     from vdeploy.compiler import plan_from_args
+    from vdeploy_engine import LLM, SamplingParams
 
     rows = []
     for setting in settings:
@@ -309,9 +309,9 @@ def top1_agreement(model_dir: Path, num_seqs: int = 8, seq_len: int = 256) -> di
     import torch
     from transformers import AutoModelForCausalLM
 
-    from engine.config import EngineConfig
-    from engine.layers.attention import AttentionMetadata
-    from engine.loader import load_hf_config, load_model
+    from vdeploy_engine.config import EngineConfig
+    from vdeploy_engine.layers.attention import AttentionMetadata
+    from vdeploy_engine.loader import load_hf_config, load_model
 
     gen = torch.Generator().manual_seed(0)
     config = EngineConfig(model=str(model_dir), dtype="bfloat16", device="cuda", kv_cache_memory_bytes=1 << 30)
@@ -417,13 +417,13 @@ def main() -> None:
                 )
                 print_decode(shape, "", result["decode"])
                 if args.compare_pdl:
-                    import kernels.launch
+                    import vdeploy_kernels.launch
 
-                    kernels.launch.ENABLED = False
+                    vdeploy_kernels.launch.ENABLED = False
                     result["decode_without_pdl"] = batch1_decode(
                         model_dir, weight_bytes, bandwidth, max_num_seqs=8, **engine_args
                     )
-                    kernels.launch.ENABLED = True
+                    vdeploy_kernels.launch.ENABLED = True
                     print_decode(shape, " without PDL", result["decode_without_pdl"])
                     ratio = result["decode_without_pdl"]["ms_per_token"] / result["decode"]["ms_per_token"]
                     result["decode_pdl_speedup"] = round(ratio, 3)

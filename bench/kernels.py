@@ -1,6 +1,6 @@
 """GPU microbenchmark: each Triton kernel against its torch reference (and torch SDPA for attention), in one run.
 
-    python3 bench/kernels.py [--out bench/results/kernels-<gpu>.json] [--quick]
+    python3 bench/ops.py [--out bench/results/kernels-<gpu>.json] [--quick]
 
 Prints one row per case with the speed-up over each baseline, and for decode attention and the fused small-batch
 linear layers the achieved bandwidth (KV cache or weight bytes read / time) as a fraction of the card's
@@ -31,16 +31,16 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import kernels  # noqa: E402
-from kernels.activation import silu_and_mul_ref  # noqa: E402
-from kernels.attention import (  # noqa: E402
+from vdeploy_kernels import ops  # noqa: E402
+from vdeploy_kernels.activation import silu_and_mul_ref  # noqa: E402
+from vdeploy_kernels.attention import (  # noqa: E402
     paged_decode_attention_ref,
     paged_prefill_attention_ref,
     varlen_attention_ref,
 )
-from kernels.kv_cache import write_kv_cache_ref  # noqa: E402
-from kernels.rms_norm import rms_norm_ref  # noqa: E402
-from kernels.rotary import apply_rotary_ref  # noqa: E402
+from vdeploy_kernels.kv_cache import write_kv_cache_ref  # noqa: E402
+from vdeploy_kernels.rms_norm import rms_norm_ref  # noqa: E402
+from vdeploy_kernels.rotary import apply_rotary_ref  # noqa: E402
 
 DTYPE = torch.bfloat16
 ROTATE_BYTES = 256 * 2**20  # inputs per case cycle over at least this many bytes (H100 L2: 50 MiB)
@@ -146,7 +146,7 @@ def bench_decode(heads: tuple[int, int, int], batch: int, context: int, block_si
     def calls(fn):
         return rotating([lambda t=t: fn(q, key_cache, value_cache, t, seq_lens, scale) for t in tables])
 
-    triton_ms = time_ms(calls(kernels.paged_decode_attention), graph=True)
+    triton_ms = time_ms(calls(ops.paged_decode_attention), graph=True)
     reference_ms = time_ms(calls(paged_decode_attention_ref), graph=True)
     # SDPA over contiguous per-sequence K/V, what an engine without a paged cache would keep.
     sdpa_sets = [(contiguous_heads(key_cache[t]), contiguous_heads(value_cache[t])) for t in tables]
@@ -174,7 +174,7 @@ def bench_prefill(heads: tuple[int, int, int], batch: int, prompt: int, prefix: 
     q = torch.randn(batch * prompt, num_heads, head_dim, device="cuda", dtype=DTYPE)
     scale = head_dim**-0.5
     args = (q, key_cache, value_cache, table, cu, seq_lens, scale)
-    triton_ms = time_ms(lambda: kernels.paged_prefill_attention(*args), graph=True)
+    triton_ms = time_ms(lambda: ops.paged_prefill_attention(*args), graph=True)
     baselines = {"torch_reference": time_ms(lambda: paged_prefill_attention_ref(*args), graph=False)}
     if prefix == 0:  # SDPA's causal mask is top-left aligned, the same as ours only without a prefix
         qs = q.view(batch, prompt, num_heads, head_dim).transpose(1, 2)
@@ -206,15 +206,15 @@ def bench_mixed_batch(heads: tuple[int, int, int], decodes: int, context: int, p
     prompt_cu = torch.tensor([0, prompt], dtype=torch.int32, device="cuda")
 
     def separate_launches():
-        kernels.paged_decode_attention(q[:decodes], key_cache, value_cache, table[:decodes], seq_lens[:decodes], scale)
-        kernels.paged_prefill_attention(
+        ops.paged_decode_attention(q[:decodes], key_cache, value_cache, table[:decodes], seq_lens[:decodes], scale)
+        ops.paged_prefill_attention(
             q[decodes:], key_cache, value_cache, table[decodes:], prompt_cu, seq_lens[decodes:], scale
         )
 
     return Case(
         "paged_prefill_attention",
         f"mixed: {decodes} decodes at ctx={context} + prompt {prompt} H={num_heads}/{kv_heads} D={head_dim}",
-        time_ms(lambda: kernels.paged_prefill_attention(*args), graph=True),
+        time_ms(lambda: ops.paged_prefill_attention(*args), graph=True),
         {
             "torch_reference": time_ms(lambda: paged_prefill_attention_ref(*args), graph=False),
             "decode_and_prefill_launches": time_ms(separate_launches, graph=True),
@@ -231,7 +231,7 @@ def bench_varlen(heads: tuple[int, int, int], batch: int, length: int, causal: b
     v = torch.randn_like(k)
     cu = torch.arange(0, tokens + 1, length, dtype=torch.int32, device="cuda")
     scale = head_dim**-0.5
-    triton_ms = time_ms(lambda: kernels.varlen_attention(q, k, v, cu, scale, causal), graph=True)
+    triton_ms = time_ms(lambda: ops.varlen_attention(q, k, v, cu, scale, causal), graph=True)
     qs, ks, vs = (x.view(batch, length, -1, head_dim).transpose(1, 2) for x in (q, k, v))
     sdpa = functools.partial(F.scaled_dot_product_attention, qs, ks, vs, is_causal=causal, scale=scale, enable_gqa=True)
     pairs = batch * (length * (length + 1) // 2 if causal else length * length)
@@ -285,21 +285,21 @@ def elementwise_cases() -> list[Case]:
         bench_elementwise(
             "rms_norm+residual",
             lambda: (randn(tokens, hidden), weight, 1e-6, randn(tokens, hidden)),
-            kernels.rms_norm,
+            ops.rms_norm,
             rms_norm_ref,
             4 * tokens * hidden * size,
         ),
         bench_elementwise(
             "silu_and_mul",
             lambda: (randn(tokens, 2 * inter),),
-            kernels.silu_and_mul,
+            ops.silu_and_mul,
             silu_and_mul_ref,
             3 * tokens * inter * size,
         ),
         bench_elementwise(
             "apply_rotary",
             lambda: (randn(tokens, heads, head_dim), randn(tokens, kv_heads, head_dim), positions, cos_sin),
-            kernels.apply_rotary,
+            ops.apply_rotary,
             apply_rotary_ref,
             2 * qk_bytes,
         ),
@@ -312,7 +312,7 @@ def elementwise_cases() -> list[Case]:
                 value_cache,
                 slots,
             ),
-            kernels.write_kv_cache,
+            ops.write_kv_cache,
             write_kv_cache_ref,
             4 * tokens * kv_heads * head_dim * size,
             reference_graph=False,
@@ -356,9 +356,9 @@ def linear_arg_sets(projection: tuple, rows: int) -> list[tuple[torch.Tensor, to
 def unfused_linear(x, weight, bias=None, norm_weight=None, gate_up=False, residual=None):
     """The model's path before fused_linear: the norm or activation kernel, cuBLAS, the residual add."""
     if norm_weight is not None:
-        x = kernels.rms_norm(x, norm_weight, EPS)
+        x = ops.rms_norm(x, norm_weight, EPS)
     if gate_up:
-        x = kernels.silu_and_mul(x)
+        x = ops.silu_and_mul(x)
     out = F.linear(x, weight, bias)
     return out if residual is None else out + residual
 
@@ -375,7 +375,7 @@ def bench_linear(projection: tuple, rows: int) -> Case:
     return Case(
         "fused_linear",
         f"{name} M={rows} N={n} K={k}",
-        timed_linear(functools.partial(kernels.fused_linear, eps=EPS), arg_sets),
+        timed_linear(functools.partial(ops.fused_linear, eps=EPS), arg_sets),
         {
             "unfused_model_path": timed_linear(unfused_linear, arg_sets),
             "cublas_linear_only": timed_linear(F.linear, gemm_only),
@@ -407,11 +407,11 @@ def bench_rotary_and_cache(heads: tuple[int, int, int], tokens: int, block_size:
         views.append((q.view(tokens, num_heads, head_dim), *(x.view(tokens, kv_heads, head_dim) for x in (k, v))))
 
     def one_launch(q, k, v):
-        return kernels.rotary_and_cache(q, k, v, positions, cos_sin, key_cache, value_cache, slots)
+        return ops.rotary_and_cache(q, k, v, positions, cos_sin, key_cache, value_cache, slots)
 
     def two_launches(q, k, v):
-        q, k = kernels.apply_rotary(q, k, positions, cos_sin)
-        kernels.write_kv_cache(k, v, key_cache, value_cache, slots)
+        q, k = ops.apply_rotary(q, k, positions, cos_sin)
+        ops.write_kv_cache(k, v, key_cache, value_cache, slots)
         return q
 
     def timed(fn):
@@ -462,7 +462,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="two decode attention shapes, fused_linear at M=1 only")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        sys.exit("bench/kernels.py needs a CUDA GPU")
+        sys.exit("bench/ops.py needs a CUDA GPU")
     torch.manual_seed(0)
     gpu = torch.cuda.get_device_name()
     copy_gbs = copy_bandwidth_gbs()

@@ -26,8 +26,8 @@ def load_once(phase: str, model: str) -> float:
     import torch  # noqa: F401  (imported before the clock starts in every phase)
     import transformers
 
-    from engine.config import EngineConfig
-    from engine.loader import load_hf_config, load_model, load_tokenizer
+    from vdeploy_engine.config import EngineConfig
+    from vdeploy_engine.loader import load_hf_config, load_model, load_tokenizer
 
     start = time.perf_counter()
     if phase == "transformers":

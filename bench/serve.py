@@ -4,7 +4,7 @@ keeps, on the same model, engine settings and workload, measured in the same run
     python -m bench.serve --num-prompts 64 --concurrency 64 --input-len 32 --output-len 32   # from the repo root
 
 1. Offline: `LLM.generate` on all prompts at once (the engine's best case).
-2. Server: `python -m engine.server` with the offline engine's exact EngineConfig; `--concurrency` clients send
+2. Server: `python -m vdeploy_engine.server` with the offline engine's exact EngineConfig; `--concurrency` clients send
    streaming /v1/completions requests (random token-id prompts, `ignore_eos`, greedy) over aiohttp, as vLLM's
    benchmark does, and time every chunk.
 The two alternate `--repeats` times against one server process and each side keeps its best run: on a shared host
@@ -61,7 +61,7 @@ def random_prompts(count: int, length: int, vocab_size: int, seed: int) -> list[
 
 def offline_engine(args: argparse.Namespace):
     """The offline engine, warmed up, and its vocabulary size."""
-    from engine import LLM, SamplingParams
+    from vdeploy_engine import LLM, SamplingParams
 
     llm = LLM(
         args.model, max_model_len=args.max_model_len, max_num_seqs=args.concurrency, hardware=args.hardware, seed=0
@@ -81,7 +81,7 @@ def run_offline(llm, prompts: list[list[int]], output_len: int) -> dict:
     It runs on a worker thread, as the server's engine loop does: on a loaded CPU host torch's matmuls on the main
     thread measured up to 5x slower than on any other thread (OpenMP workers spinning), which would flatter the
     server instead of measuring it."""
-    from engine import SamplingParams
+    from vdeploy_engine import SamplingParams
 
     params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0)
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -183,7 +183,7 @@ async def _load(
 
 @contextmanager
 def running_server(config_json: str) -> Iterator[tuple[str, psutil.Process]]:
-    """`python -m engine.server` on `config_json`, healthy: (its URL, its process)."""
+    """`python -m vdeploy_engine.server` on `config_json`, healthy: (its URL, its process)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -192,7 +192,7 @@ def running_server(config_json: str) -> Iterator[tuple[str, psutil.Process]]:
         config_path.write_text(config_json)
         log = open(Path(folder) / "server.log", "wb")
         server = subprocess.Popen(
-            [sys.executable, "-m", "engine.server", "--config", str(config_path), "--port", str(port)],
+            [sys.executable, "-m", "vdeploy_engine.server", "--config", str(config_path), "--port", str(port)],
             cwd=REPO,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -54,7 +54,7 @@ def ours(
     args: argparse.Namespace, prompts: list[list[int]], output_lens: list[int], max_num_seqs: int | None
 ) -> tuple[Callable[[], float], int]:
     """A timed `LLM.generate` over every request, and the max_num_seqs the engine runs with (None: its default)."""
-    from engine import LLM, SamplingParams
+    from vdeploy_engine import LLM, SamplingParams
 
     llm = LLM(
         args.model,
@@ -152,8 +152,8 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from engine.config import EngineConfig
-    from engine.loader import load_tokenizer
+    from vdeploy_engine.config import EngineConfig
+    from vdeploy_engine.loader import load_tokenizer
 
     vocab = len(load_tokenizer(EngineConfig(model=args.model)))
     prompts, output_lens = random_requests(args, vocab)

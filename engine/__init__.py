@@ -1,6 +1,6 @@
-"""The built-in inference engine: `from engine import LLM, SamplingParams`.
+"""The built-in inference engine: `from vdeploy_engine import LLM, SamplingParams`.
 
-Heavy modules (torch) load on first use, so `engine.config` stays importable by the torch-free control plane.
+Heavy modules (torch) load on first use, so `vdeploy_engine.config` stays importable by the torch-free control plane.
 """
 
 from typing import Any
@@ -10,19 +10,19 @@ __all__ = ["LLM", "SamplingParams", "EngineConfig", "RequestOutput", "Completion
 
 def __getattr__(name: str) -> Any:
     if name == "EngineConfig":
-        from engine.config import EngineConfig
+        from vdeploy_engine.config import EngineConfig
 
         return EngineConfig
     if name in ("LLM",):
-        from engine.llm import LLM
+        from vdeploy_engine.llm import LLM
 
         return LLM
     if name in ("SamplingParams",):
-        from engine.sampling_params import SamplingParams
+        from vdeploy_engine.sampling_params import SamplingParams
 
         return SamplingParams
     if name in ("RequestOutput", "CompletionOutput"):
-        from engine import outputs
+        from vdeploy_engine import outputs
 
         return getattr(outputs, name)
-    raise AttributeError(f"module 'engine' has no attribute {name!r}")
+    raise AttributeError(f"module 'vdeploy_engine' has no attribute {name!r}")

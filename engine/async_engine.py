@@ -33,10 +33,10 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from engine.config import EngineConfig
-from engine.core.engine import EngineStats, InvalidPromptError, LLMEngine
-from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
+from vdeploy_engine.config import EngineConfig
+from vdeploy_engine.core.engine import EngineStats, InvalidPromptError, LLMEngine
+from vdeploy_engine.outputs import RequestOutput
+from vdeploy_engine.sampling_params import SamplingParams
 
 __all__ = ["AsyncEngine", "EngineDeadError", "InvalidPromptError"]
 

@@ -1,7 +1,7 @@
 """EngineConfig: the one contract between the control plane and an engine replica.
 
 The compiler (`vdeploy/compiler.py`) resolves a recipe into an EngineConfig; `LLM(**kwargs)` builds one from keyword
-arguments; `python -m engine.server --config plan.json` reads one from JSON. Everything an engine replica needs is here,
+arguments; `python -m vdeploy_engine.server --config plan.json` reads one from JSON. Everything an engine replica needs is here,
 and nothing here needs torch, so the control plane can import this module.
 """
 
@@ -16,6 +16,16 @@ Runner = Literal["generate", "pooling"]
 Convert = Literal["none", "embed", "reward", "classify"]
 DType = Literal["float16", "bfloat16", "float32"]
 Device = Literal["cuda", "cpu"]
+
+
+MAX_GRAPH_BATCH = 512  # the largest decode batch captured; bigger batches run eagerly (as in vLLM)
+
+
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    """Decode batch sizes captured as CUDA graphs: 1, 2, 4, then every multiple of 8 (vLLM's schedule). The engine
+    captures exactly these and the compiler budgets for exactly these."""
+    top = min(max_num_seqs, MAX_GRAPH_BATCH)
+    return sorted({b for b in (1, 2, 4) if b <= top} | set(range(8, top + 1, 8)))
 
 
 class EngineConfigError(ValueError):

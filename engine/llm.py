@@ -1,10 +1,10 @@
-"""`LLM`: offline batch inference with vLLM's interface — `from engine import LLM, SamplingParams`.
+"""`LLM`: offline batch inference with vLLM's interface — `from vdeploy_engine import LLM, SamplingParams`.
 
     llm = LLM(model="path/to/model.gguf", max_model_len=2048)
     outputs = llm.generate(["Hello, my name is"], SamplingParams(temperature=0.8, max_tokens=32))
     outputs[0].outputs[0].text
 
-Arguments go through the control plane's `plan_from_args`, so they get the same checks as `vdeploy lint`. `stream()`
+Arguments go through the compiler (`engine_config_from_args`), so they get the same checks as `vdeploy lint`. `stream()`
 yields cumulative outputs step by step.
 """
 
@@ -15,10 +15,10 @@ import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from engine.config import EngineConfig
-from engine.core.engine import LLMEngine
-from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
+from vdeploy_engine.config import EngineConfig
+from vdeploy_engine.core.engine import LLMEngine
+from vdeploy_engine.outputs import RequestOutput
+from vdeploy_engine.sampling_params import SamplingParams
 
 PromptInput = str | list[int] | dict[str, Any]  # text, token ids, or {"prompt": ...} / {"prompt_token_ids": ...}
 Conversation = list[dict[str, Any]]
@@ -86,7 +86,7 @@ class LLM:
     ) -> list[RequestOutput]:
         """Generates a reply to each conversation, rendered through the chat template: `chat_template` (a path or a
         Jinja string) if given, else the config's, else the model's own."""
-        from engine.loader.tokenizer import read_chat_template
+        from vdeploy_engine.loader.tokenizer import read_chat_template
 
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         template = read_chat_template(chat_template) if chat_template else None
@@ -133,16 +133,16 @@ class LLM:
 
 
 def engine_config_from_args(model: str, **kwargs: Any) -> EngineConfig:
-    """LLM(...) keyword arguments -> EngineConfig, through the compiler: bad values raise its PlanError with the same
+    """LLM(...) keyword arguments -> EngineConfig, through the planner installed under the entry-point group
+    `vdeploy_engine.planner`: vdeploy registers its compiler there, so bad values raise its PlanError with the same
     diagnostics as `vdeploy lint`, and what is left open (dtype, max_model_len, the CPU KV cache size...) is decided
-    there. Warnings are logged."""
-    from vdeploy.compiler import plan_from_args
+    there. The engine names no control-plane module (docs/DESIGN.md, "Import rules")."""
+    from importlib.metadata import entry_points
 
-    plan = plan_from_args(model, **kwargs)
-    for diagnostic in plan.diagnostics:
-        if diagnostic.severity == "warning":
-            logger.warning("%s: %s", diagnostic.code, diagnostic.message)
-    return plan.engine
+    planners = entry_points(group="vdeploy_engine.planner")
+    if not planners:
+        raise RuntimeError("no planner is installed for LLM(...) arguments: install vdeploy (pip install vdeploy)")
+    return next(iter(planners)).load()(model, **kwargs)
 
 
 def _progress_bar(total: int) -> Any:

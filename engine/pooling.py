@@ -26,11 +26,11 @@ from typing import Literal
 
 import torch
 
-from engine.config import EngineConfig
-from engine.core.engine import EngineStats
-from engine.layers.attention import AttentionMetadata
+from vdeploy_engine.config import EngineConfig
+from vdeploy_engine.core.engine import EngineStats
+from vdeploy_engine.layers.attention import AttentionMetadata
 
-logger = logging.getLogger("engine.pooling")
+logger = logging.getLogger("vdeploy_engine.pooling")
 
 PoolingMethod = Literal["mean", "cls", "last"]
 
@@ -88,7 +88,7 @@ class PoolingEngine:
     """`await engine.embed(token_ids)` -> the pooled vector (a list of floats) of one prompt."""
 
     def __init__(self, config: EngineConfig):
-        from engine.loader import load_hf_config, load_model, load_tokenizer, resolve_model
+        from vdeploy_engine.loader import load_hf_config, load_model, load_tokenizer, resolve_model
 
         if config.convert == "classify":
             raise ValueError("convert 'classify' is not supported by the built-in pooling runner (embed or reward)")

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.launch import pdl, wait_for_previous
-from kernels.rotary import rotary_and_cache_ref
+from vdeploy_kernels.launch import pdl, wait_for_previous
+from vdeploy_kernels.rotary import rotary_and_cache_ref
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float) -> torch.Tensor:

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.activation import silu_and_mul_ref
-from kernels.launch import pdl, wait_for_previous
-from kernels.rms_norm import rms_norm_ref
+from vdeploy_kernels.activation import silu_and_mul_ref
+from vdeploy_kernels.launch import pdl, wait_for_previous
+from vdeploy_kernels.rms_norm import rms_norm_ref
 
 MAX_ROWS = 16  # the most rows the kernel takes (registers); cuBLAS already wins the wide projections from 4 rows
 

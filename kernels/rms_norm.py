@@ -4,7 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import pdl, wait_for_previous
+from vdeploy_kernels.launch import pdl, wait_for_previous
 
 
 def rms_norm_ref(

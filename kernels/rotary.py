@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.kv_cache import write_kv_cache_ref
-from kernels.launch import pdl, wait_for_previous
+from vdeploy_kernels.kv_cache import write_kv_cache_ref
+from vdeploy_kernels.launch import pdl, wait_for_previous
 
 
 def _rotate_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, is_neox: bool) -> torch.Tensor:

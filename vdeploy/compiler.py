@@ -9,18 +9,21 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import math
 from typing import Any
 
-from engine.config import EngineConfig, EngineConfigError
 from vdeploy import memory as mem
 from vdeploy.diagnostics import Diagnostic, error, format_text, has_errors, info, warning
 from vdeploy.modelinfo import ModelFacts, resolve_model
 from vdeploy.plan import Decision, MemoryBudget, Plan
 from vdeploy.profiles import HardwareProfile, ProfileError, detect, detected_profile, load_profile
 from vdeploy.recipe import Recipe, SourceMap, validate_recipe
+from vdeploy_engine.config import EngineConfig, EngineConfigError
 
 GiB = mem.GiB
+logger = logging.getLogger(__name__)
+
 DEFAULT_UTILIZATION = 0.9  # vLLM's default gpu_memory_utilization
 FALLBACK_MAX_MODEL_LEN = 2048  # when the model's positions are unknown (no facts offline)
 CPU_KV_SHARE_WITHOUT_FACTS = 0.5  # share of the CPU budget given to the KV cache when the weights' size is unknown
@@ -323,11 +326,26 @@ class _Compiler:
                            f"{_gib(self.profile.memory_bytes)}", "memory.kv_cache_memory_bytes",
                            f"use at most {max(self.profile.memory_bytes - used + fixed_kv, 0):,}")
         elif self.device == "cpu":
-            self.settings["kv_cache_memory_bytes"] = self.decide(
-                "memory.kv_cache_memory_bytes", max(layout.kv_cache_bytes, 1),
-                "CPU: the engine allocates exactly what is left of the budget")
+            layout = self._cpu_kv_cache(layout, seqs, max_model_len)
         self.settings.update(max_model_len=max_model_len, max_num_seqs=seqs, max_num_batched_tokens=tokens)
         return layout
+
+    def _cpu_kv_cache(self, layout: MemoryBudget, seqs: int, max_model_len: int) -> MemoryBudget:
+        """On the CPU the engine allocates exactly the planned KV cache: what is left of the budget, but no more than
+        max_num_seqs full-length sequences can fill (a budget sized from a large machine's RAM would be taken and
+        never used)."""
+        block = self.recipe.memory.block_size
+        fillable = seqs * math.ceil(max_model_len / block) * block * layout.kv_bytes_per_token
+        if layout.kv_cache_bytes <= fillable:
+            kv, reason = max(layout.kv_cache_bytes, 1), "CPU: the engine allocates exactly what is left of the budget"
+        else:
+            kv = fillable
+            reason = (f"CPU: what max_num_seqs ({seqs}) sequences of max_model_len ({max_model_len}) can fill; the "
+                      f"budget has {_gib(layout.kv_cache_bytes)} left, more than they can use")
+        self.settings["kv_cache_memory_bytes"] = self.decide("memory.kv_cache_memory_bytes", kv, reason)
+        tokens = mem.kv_tokens(kv, layout.kv_bytes_per_token, block)
+        return layout.model_copy(update={"kv_cache_bytes": kv, "kv_tokens": tokens,
+                                         "max_concurrency": round(tokens / max_model_len, 2)})
 
     def _layout(self, dtype: str, quantization: str | None, eager: bool, tp: int, utilization: float, seqs: int,
                 tokens: int, max_model_len: int) -> MemoryBudget:
@@ -438,7 +456,8 @@ def resolve_hardware(recipe: Recipe) -> tuple[HardwareProfile | None, list[Diagn
     if recipe.hardware == "auto":
         found = detect()
         profile = detected_profile(found)
-        what = f"{found.count} x {found.gpu_name} via {found.method}" if found.count else "no GPU"
+        what = (f"{found.count} x {found.gpu_name} via {found.method}" if found.count
+                else f"no GPU; the budget is this machine's {found.memory_gib:.1f} GiB of RAM")
         note = info("VD106", f"hardware: auto found {what}; using profile {profile.name}", field="hardware")
         return profile.model_copy(update={"gpu_count": found.count}), [note]
     field = "hardware" if isinstance(recipe.hardware, str) else "hardware.profile"
@@ -520,3 +539,12 @@ def plan_from_args(model: str, **engine_kwargs: Any) -> Plan:
         setattr(plan.engine, key, value)
     return plan
 
+
+def engine_config_from_args(model: str, **engine_kwargs: Any) -> EngineConfig:
+    """The engine's planner (entry point `vdeploy_engine.planner`, which `LLM(...)` calls): plan_from_args' EngineConfig,
+    its warnings logged."""
+    plan = plan_from_args(model, **engine_kwargs)
+    for diagnostic in plan.diagnostics:
+        if diagnostic.severity == "warning":
+            logger.warning("%s: %s", diagnostic.code, diagnostic.message)
+    return plan.engine

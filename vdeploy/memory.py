@@ -12,6 +12,7 @@ import math
 
 from vdeploy.modelinfo import ModelFacts
 from vdeploy.plan import MemoryBudget
+from vdeploy_engine.config import graph_batch_sizes
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -27,7 +28,6 @@ NCCL_BYTES = 320 * MiB
 # CUDA graphs: each captured batch size keeps its own kernel parameters and graph nodes on the device; ~1.5 MiB
 # per graph for a 28-layer decoder as vLLM's capture log reports. Its private memory pool is sized separately.
 PER_GRAPH_BYTES = 2 * MiB
-MAX_GRAPH_BATCH = 512  # the largest decode batch captured; bigger batches run eagerly (as in vLLM)
 
 # AWQ/GPTQ 4-bit: 4 bits per weight plus an fp16 scale and a 4-bit zero point per group of 128 weights.
 INT4_BYTES_PER_WEIGHT = (4 + (16 + 4) / 128) / 8
@@ -101,12 +101,6 @@ def activation_bytes(facts: ModelFacts, num_tokens: int, num_seqs: int, dtype_by
     rows = min(num_seqs, num_tokens)
     return forward_bytes(facts, num_tokens, dtype_bytes, tp) + logits_bytes(facts, rows, dtype_bytes) + sampler_bytes(
         facts, rows)
-
-
-def graph_batch_sizes(max_num_seqs: int) -> list[int]:
-    """Decode batch sizes captured as CUDA graphs: 1, 2, 4, then every multiple of 8 (vLLM's schedule)."""
-    top = min(max_num_seqs, MAX_GRAPH_BATCH)
-    return sorted({b for b in (1, 2, 4) if b <= top} | set(range(8, top + 1, 8)))
 
 
 def cuda_graph_bytes(facts: ModelFacts, max_num_seqs: int, dtype_bytes: int, tp: int, enforce_eager: bool) -> int:

@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from vdeploy.diagnostics import Diagnostic, error, warning
-from vdeploy.gguf_header import GGUFError, read_gguf_header
+from vdeploy_engine.gguf_header import GGUFError, read_gguf_header
 
 CATALOGUE = Path(__file__).resolve().parent / "data" / "models.yaml"
 PYPI_PREFIX = "pypi:"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine.config import EngineConfig
 from vdeploy.diagnostics import Diagnostic
+from vdeploy_engine.config import EngineConfig
 
 
 class MemoryBudget(BaseModel):

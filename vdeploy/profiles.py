@@ -2,7 +2,8 @@
 
 Profiles are data: what a GPU supports (dtypes, quantizations, CUDA graphs), how much memory it has, which toolchain
 environment it needs and its known quirks. `VDEPLOY_PROFILE_PATH` (os.pathsep-separated folders) adds or overrides
-profiles; the repository's `profiles/` folder comes last.
+profiles; the built-in ones come last: the repository's `profiles/` folder, which a wheel carries as
+`vdeploy/data/profiles/`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,12 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-BUILTIN_PROFILES = Path(__file__).resolve().parent.parent / "profiles"
+_PACKAGE = Path(__file__).resolve().parent
+# Installed from a wheel, the profiles lie inside the package; in a source checkout (an editable install), beside it.
+BUILTIN_PROFILES = next(
+    (path for path in (_PACKAGE / "data" / "profiles", _PACKAGE.parent / "profiles") if path.is_dir()),
+    _PACKAGE.parent / "profiles",
+)
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
@@ -179,11 +185,23 @@ def detect() -> Detection:
             name, memory_gib, capability = gpus[0]
             profile = profile_for_gpu(name, memory_gib) or "generic"
             return Detection(profile, len(gpus), method, name, memory_gib, capability)
-    return Detection("cpu", 0, "none")
+    return Detection("cpu", 0, "none", memory_gib=_machine_memory_gib())
+
+
+def _machine_memory_gib() -> float:
+    import psutil
+
+    return psutil.virtual_memory().total / (1 << 30)
 
 
 def detected_profile(detection: Detection) -> HardwareProfile:
     """The profile for a detection; a GPU without a profile gets one built from what the driver reported."""
+    if detection.profile == "cpu" and detection.memory_gib:
+        # This machine's RAM is the budget (gpu_memory_utilization applies to it, as vLLM's CPU KV-cache space does);
+        # `hardware: cpu` keeps the fixed profile for plans made on another machine.
+        return load_profile("cpu").model_copy(update={
+            "memory_gib": round(detection.memory_gib, 2),
+            "description": f"this machine's CPU with {detection.memory_gib:.1f} GiB of RAM (detected)"})
     if detection.profile != "generic":
         return load_profile(detection.profile)
     capability = detection.compute_capability or 7.0

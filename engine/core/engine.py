@@ -11,12 +11,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from engine.config import EngineConfig
-from engine.core.kv_cache import KVCacheManager
-from engine.core.scheduler import Scheduler, SchedulerOutput
-from engine.core.sequence import PENDING_TOKEN, Request, Sequence
-from engine.outputs import Logprob, RequestOutput
-from engine.sampling_params import SamplingParams
+from vdeploy_engine.config import EngineConfig
+from vdeploy_engine.core.kv_cache import KVCacheManager
+from vdeploy_engine.core.scheduler import Scheduler, SchedulerOutput
+from vdeploy_engine.core.sequence import PENDING_TOKEN, Request, Sequence
+from vdeploy_engine.outputs import Logprob, RequestOutput
+from vdeploy_engine.sampling_params import SamplingParams
 
 
 class InvalidPromptError(ValueError):
@@ -43,7 +43,7 @@ class EngineStats:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, tokenizer: Any, model: Any):
-        from engine.worker.model_runner import ModelRunner
+        from vdeploy_engine.worker.model_runner import ModelRunner
 
         self.config = config
         self.tokenizer = tokenizer
@@ -62,8 +62,8 @@ class LLMEngine:
     def from_config(cls, config: EngineConfig) -> LLMEngine:
         import torch
 
-        from engine.layers.linear import process_weights_after_loading
-        from engine.loader import load_hf_config, load_model, load_tokenizer
+        from vdeploy_engine.layers.linear import process_weights_after_loading
+        from vdeploy_engine.loader import load_hf_config, load_model, load_tokenizer
 
         torch.manual_seed(config.seed)
         hf_config = load_hf_config(config)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from engine.core.sequence import PENDING_TOKEN, Sequence
+from vdeploy_engine.core.sequence import PENDING_TOKEN, Sequence
 
 
 @dataclass

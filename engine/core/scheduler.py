@@ -13,9 +13,9 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from engine.config import EngineConfig
-from engine.core.kv_cache import KVCacheManager
-from engine.core.sequence import SeqStatus, Sequence
+from vdeploy_engine.config import EngineConfig
+from vdeploy_engine.core.kv_cache import KVCacheManager
+from vdeploy_engine.core.sequence import SeqStatus, Sequence
 
 
 @dataclass

@@ -11,9 +11,9 @@ import itertools
 import time
 from typing import Any
 
-from engine.detokenizer import IncrementalDetokenizer
-from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput, SampleLogprobs
-from engine.sampling_params import SamplingParams
+from vdeploy_engine.detokenizer import IncrementalDetokenizer
+from vdeploy_engine.outputs import CompletionOutput, RequestMetrics, RequestOutput, SampleLogprobs
+from vdeploy_engine.sampling_params import SamplingParams
 
 
 class SeqStatus(enum.Enum):

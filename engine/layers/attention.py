@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-import kernels
+from vdeploy_kernels import ops
 
 if TYPE_CHECKING:
-    from engine.layers.rotary import RotaryEmbedding
+    from vdeploy_engine.layers.rotary import RotaryEmbedding
 
 
 @dataclass
@@ -57,9 +57,9 @@ class Attention(nn.Module):
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.k_cache is None:  # no cache bound (profiling run): attend within the batch
-            out = kernels.varlen_attention(q, k, v, meta.cu_seqlens_q, self.scale, self.causal, self.sliding_window)
+            out = ops.varlen_attention(q, k, v, meta.cu_seqlens_q, self.scale, self.causal, self.sliding_window)
             return out.flatten(1)
-        kernels.write_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        ops.write_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         return self.attend_cached(q, meta)
 
     def attend_unrotated(
@@ -70,22 +70,22 @@ class Attention(nn.Module):
         [T, H*D]. A decode batch does all of it in the decode kernel, other batches in two launches."""
         cache = (self.k_cache, self.v_cache, meta.slot_mapping)
         if meta.is_decode:
-            out = kernels.rotary_decode_attention(
+            out = ops.rotary_decode_attention(
                 q, k, v, positions, rotary.cos_sin_cache, *cache, meta.block_tables, meta.seq_lens, self.scale,
                 self.sliding_window, rotary.is_neox,
             )
             return out.flatten(1)
-        q = kernels.rotary_and_cache(q, k, v, positions, rotary.cos_sin_cache, *cache, rotary.is_neox)
+        q = ops.rotary_and_cache(q, k, v, positions, rotary.cos_sin_cache, *cache, rotary.is_neox)
         return self.attend_cached(q, meta)
 
     def attend_cached(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q [T, H, D] attends over the cache, which already holds this step's keys and values -> [T, H*D]."""
         if meta.is_decode:
-            out = kernels.paged_decode_attention(
+            out = ops.paged_decode_attention(
                 q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens, self.scale, self.sliding_window
             )
         else:
-            out = kernels.paged_prefill_attention(
+            out = ops.paged_prefill_attention(
                 q,
                 self.k_cache,
                 self.v_cache,

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.layers.linear import dense_linear, onednn_pack, onednn_packs
+from vdeploy_engine.layers.linear import dense_linear, onednn_pack, onednn_packs
 
 
 class VocabEmbedding(nn.Module):

@@ -1,11 +1,11 @@
-"""RMSNorm over kernels.rms_norm, which fuses the residual add that precedes each norm in a pre-norm block."""
+"""RMSNorm over ops.rms_norm, which fuses the residual add that precedes each norm in a pre-norm block."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-import kernels
+from vdeploy_kernels import ops
 
 
 class RMSNorm(nn.Module):
@@ -18,4 +18,4 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """norm(x); with `residual`, returns (norm(x + residual), x + residual)."""
-        return kernels.rms_norm(x, self.weight, self.eps, residual)
+        return ops.rms_norm(x, self.weight, self.eps, residual)

@@ -1,5 +1,5 @@
 """Rotary position embedding: builds the cos/sin cache for a model's `rope_parameters` (default, linear, dynamic NTK,
-llama3, yarn) and applies it with kernels.apply_rotary. Scaling only changes the cache, never the kernel."""
+llama3, yarn) and applies it with ops.apply_rotary. Scaling only changes the cache, never the kernel."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-import kernels
+from vdeploy_kernels import ops
 
 
 def rope_parameters(hf_config: Any) -> dict[str, Any]:
@@ -111,4 +111,4 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q [T, H, D], k [T, Hkv, D] -> rotated copies."""
-        return kernels.apply_rotary(q, k, positions, self.cos_sin_cache, self.is_neox)
+        return ops.apply_rotary(q, k, positions, self.cos_sin_cache, self.is_neox)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from engine.loader.errors import ModelLoadError
+from vdeploy_engine.loader.errors import ModelLoadError
 
 
 def checkpoint_files(path: Path) -> list[Path]:

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.loader.errors import ModelLoadError
-from vdeploy.gguf_header import GGUFError, GGUFHeader, GGUFTensor, read_gguf_header
+from vdeploy_engine.gguf_header import GGUFError, GGUFHeader, GGUFTensor, read_gguf_header
+from vdeploy_engine.loader.errors import ModelLoadError
 
 # GGUF `general.architecture` -> (HF architecture, transformers config class name, q/k rows permuted by llama.cpp).
 _ARCHITECTURES = {

@@ -6,16 +6,16 @@ import json
 from pathlib import Path
 from typing import Any
 
-from engine.config import EngineConfig
-from engine.loader.errors import ModelLoadError
-from engine.loader.hub import is_gguf, resolve_model
+from vdeploy_engine.config import EngineConfig
+from vdeploy_engine.loader.errors import ModelLoadError
+from vdeploy_engine.loader.hub import is_gguf, resolve_model
 
 
 def load_hf_config(config: EngineConfig) -> Any:
     """A transformers PretrainedConfig for `config.model`; `architectures[0]` picks the engine's module."""
     path = resolve_model(config.model, config.revision, config.download_dir)
     if is_gguf(path):
-        from engine.loader.gguf import gguf_hf_config
+        from vdeploy_engine.loader.gguf import gguf_hf_config
 
         return gguf_hf_config(path)
     if path.is_file():

@@ -7,7 +7,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from engine.loader.errors import ModelLoadError
+from vdeploy_engine.loader.errors import ModelLoadError
 
 MODELSCOPE_PREFIX = "modelscope:"
 # Enough to build the model and its tokenizer; weights are picked separately (safetensors when the repo has them).

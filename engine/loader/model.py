@@ -9,11 +9,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.config import EngineConfig
-from engine.layers.linear import WeightShapeError, default_weight_loader
-from engine.loader.errors import ModelLoadError
-from engine.loader.hub import is_gguf, resolve_model
-from engine.models.registry import model_class
+from vdeploy_engine.config import EngineConfig
+from vdeploy_engine.layers.linear import WeightShapeError, default_weight_loader
+from vdeploy_engine.loader.errors import ModelLoadError
+from vdeploy_engine.loader.hub import is_gguf, resolve_model
+from vdeploy_engine.models.registry import model_class
 
 
 @contextmanager
@@ -36,11 +36,11 @@ def load_model(config: EngineConfig, hf_config: Any) -> nn.Module:
         model = cls(hf_config)
     path = resolve_model(config.model, config.revision, config.download_dir)
     if is_gguf(path):
-        from engine.loader.gguf import iter_gguf
+        from vdeploy_engine.loader.gguf import iter_gguf
 
         weights = iter_gguf(path, hf_config)
     else:
-        from engine.loader.checkpoint import iter_checkpoint
+        from vdeploy_engine.loader.checkpoint import iter_checkpoint
 
         weights = iter_checkpoint(path)
     load_weights(model, weights, source=str(path))

@@ -15,9 +15,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from engine.config import EngineConfig
-from engine.loader.errors import ModelLoadError
-from engine.loader.hub import is_gguf, resolve_model
+from vdeploy_engine.config import EngineConfig
+from vdeploy_engine.loader.errors import ModelLoadError
+from vdeploy_engine.loader.hub import is_gguf, resolve_model
 
 _TEMPLATE_SUFFIXES = (".jinja", ".jinja2", ".j2", ".txt", ".tmpl")
 

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.layers.attention import Attention, AttentionMetadata
-from engine.layers.linear import Linear
+from vdeploy_engine.layers.attention import Attention, AttentionMetadata
+from vdeploy_engine.layers.linear import Linear
 
 
 class BertLayer(nn.Module):

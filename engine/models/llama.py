@@ -12,12 +12,12 @@ from typing import Any
 import torch
 from torch import nn
 
-import kernels
-from engine.layers.attention import Attention, AttentionMetadata
-from engine.layers.embedding import LMHead, VocabEmbedding
-from engine.layers.linear import Linear, UnquantizedMethod
-from engine.layers.norm import RMSNorm
-from engine.layers.rotary import RotaryEmbedding, rope_parameters
+from vdeploy_engine.layers.attention import Attention, AttentionMetadata
+from vdeploy_engine.layers.embedding import LMHead, VocabEmbedding
+from vdeploy_engine.layers.linear import Linear, UnquantizedMethod
+from vdeploy_engine.layers.norm import RMSNorm
+from vdeploy_engine.layers.rotary import RotaryEmbedding, rope_parameters
+from vdeploy_kernels import ops
 
 # The most tokens a step may have to take the fused path. Measured on an H200 (bench/results/kernels-h200.json): at 1-2
 # rows the fused matrix-vector kernels beat the unfused path on every Qwen2.5-0.5B projection; at 4 rows cuBLAS wins
@@ -78,14 +78,14 @@ class LlamaAttention(nn.Module):
         """hidden + attention(norm(hidden)) in two launches and the attention's: the norm runs inside the q/k/v
         projection, rotary and the KV-cache write inside the attention (a decode step's) or beside it, the residual add
         inside the output projection."""
-        qkv = kernels.fused_linear(
+        qkv = ops.fused_linear(
             hidden, self.qkv_proj.weight, self.qkv_proj.bias, norm_weight=norm.weight, eps=norm.eps
         )
         q, k, v = qkv.split(self.splits, dim=-1)
         kv_shape = (-1, self.num_kv_heads, self.head_dim)
         q = q.view(-1, self.num_heads, self.head_dim)
         attn = self.attn.attend_unrotated(q, k.view(kv_shape), v.view(kv_shape), positions, self.rotary, meta)
-        return kernels.fused_linear(attn, self.o_proj.weight, self.o_proj.bias, residual=hidden)
+        return ops.fused_linear(attn, self.o_proj.weight, self.o_proj.bias, residual=hidden)
 
 
 class LlamaMLP(nn.Module):
@@ -97,15 +97,15 @@ class LlamaMLP(nn.Module):
         self.down_proj = Linear(inter, hidden, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
 
     def forward_fused(self, hidden: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
         """hidden + mlp(norm(hidden)) in two launches: the norm inside gate/up, SiLU-and-mul and the residual add
         inside down."""
-        gate_up = kernels.fused_linear(
+        gate_up = ops.fused_linear(
             hidden, self.gate_up_proj.weight, self.gate_up_proj.bias, norm_weight=norm.weight, eps=norm.eps
         )
-        return kernels.fused_linear(gate_up, self.down_proj.weight, self.down_proj.bias, gate_up=True, residual=hidden)
+        return ops.fused_linear(gate_up, self.down_proj.weight, self.down_proj.bias, gate_up=True, residual=hidden)
 
 
 class LlamaDecoderLayer(nn.Module):

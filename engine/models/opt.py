@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.layers.attention import Attention, AttentionMetadata
-from engine.layers.embedding import LMHead, VocabEmbedding
-from engine.layers.linear import Linear
-from engine.loader.errors import ModelLoadError
+from vdeploy_engine.layers.attention import Attention, AttentionMetadata
+from vdeploy_engine.layers.embedding import LMHead, VocabEmbedding
+from vdeploy_engine.layers.linear import Linear
+from vdeploy_engine.loader.errors import ModelLoadError
 
 # OPT's learned position table starts two rows in (a fairseq legacy: rows 0-1 were reserved for padding).
 POSITION_OFFSET = 2

@@ -6,15 +6,15 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-from engine.loader.errors import ModelLoadError
+from vdeploy_engine.loader.errors import ModelLoadError
 
-_LLAMA = "engine.models.llama:LlamaForCausalLM"
-_BERT = "engine.models.bert:BertModel"
+_LLAMA = "vdeploy_engine.models.llama:LlamaForCausalLM"
+_BERT = "vdeploy_engine.models.bert:BertModel"
 ARCHITECTURES: dict[str, str] = {
     "LlamaForCausalLM": _LLAMA,
     "MistralForCausalLM": _LLAMA,
-    "Qwen2ForCausalLM": "engine.models.llama:Qwen2ForCausalLM",
-    "OPTForCausalLM": "engine.models.opt:OPTForCausalLM",
+    "Qwen2ForCausalLM": "vdeploy_engine.models.llama:Qwen2ForCausalLM",
+    "OPTForCausalLM": "vdeploy_engine.models.opt:OPTForCausalLM",
     # Encoders for the pooling runner.
     "BertModel": _BERT,
     "BertForMaskedLM": _BERT,

@@ -1,1 +1,1 @@
-"""The OpenAI-compatible HTTP server of one engine replica (`python -m engine.server --config plan.json`)."""
+"""The OpenAI-compatible HTTP server of one engine replica (`python -m vdeploy_engine.server --config plan.json`)."""

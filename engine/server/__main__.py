@@ -1,4 +1,4 @@
-"""`python -m engine.server --config PLAN_OR_ENGINECONFIG.json [--host H] [--port P] [--api-key KEY]`
+"""`python -m vdeploy_engine.server --config PLAN_OR_ENGINECONFIG.json [--host H] [--port P] [--api-key KEY]`
 
 Starts one engine replica: loads the model, starts the engine loop, then serves HTTP (so `GET /health` answers 200
 only once both are up). Start-up decisions and measurements go to stderr; a fatal start-up error ends with one line
@@ -13,12 +13,12 @@ import dataclasses
 import json
 import sys
 
-from engine.config import EngineConfig, EngineConfigError
-from engine.server.launch import EngineStartupError, api_key_from_env, serve
+from vdeploy_engine.config import EngineConfig, EngineConfigError
+from vdeploy_engine.server.launch import EngineStartupError, api_key_from_env, serve
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engine.server", description=__doc__.split("\n\n")[1])
+    parser = argparse.ArgumentParser(prog="python -m vdeploy_engine.server", description=__doc__.split("\n\n")[1])
     parser.add_argument("--config", required=True, help="a plan (`vdeploy plan --format json`) or an EngineConfig")
     parser.add_argument("--host", help="overrides the config's host")
     parser.add_argument("--port", type=int, help="overrides the config's port")

@@ -16,10 +16,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine.config import EngineConfig
-from engine.server import completions, embeddings
-from engine.server.metrics import CONTENT_TYPE, ServerMetrics
-from engine.server.protocol import (
+from vdeploy_engine.config import EngineConfig
+from vdeploy_engine.server import completions, embeddings
+from vdeploy_engine.server.metrics import CONTENT_TYPE, ServerMetrics
+from vdeploy_engine.server.protocol import (
     DetokenizeRequest,
     DetokenizeResponse,
     ModelCard,
@@ -27,9 +27,9 @@ from engine.server.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from engine.server.state import APIError, ServerState, error_response, server_state
+from vdeploy_engine.server.state import APIError, ServerState, error_response, server_state
 
-logger = logging.getLogger("engine.server")
+logger = logging.getLogger("vdeploy_engine.server")
 
 
 async def _check_api_key(request: Request) -> None:

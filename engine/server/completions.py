@@ -18,9 +18,9 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 
-from engine.outputs import CompletionOutput, Logprob, RequestOutput
-from engine.sampling_params import SamplingParams, SamplingParamsError
-from engine.server.protocol import (
+from vdeploy_engine.outputs import CompletionOutput, Logprob, RequestOutput
+from vdeploy_engine.sampling_params import SamplingParams, SamplingParamsError
+from vdeploy_engine.server.protocol import (
     ChatChoice,
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -39,7 +39,7 @@ from engine.server.protocol import (
     UsageInfo,
     random_id,
 )
-from engine.server.state import APIError, ServerState, error_body, server_state
+from vdeploy_engine.server.state import APIError, ServerState, error_body, server_state
 
 router = APIRouter()
 

@@ -8,7 +8,7 @@ import struct
 
 from fastapi import APIRouter, Depends
 
-from engine.server.protocol import (
+from vdeploy_engine.server.protocol import (
     EmbeddingData,
     EmbeddingRequest,
     EmbeddingResponse,
@@ -21,7 +21,7 @@ from engine.server.protocol import (
     ScoreResponse,
     UsageInfo,
 )
-from engine.server.state import APIError, ServerState, server_state
+from vdeploy_engine.server.state import APIError, ServerState, server_state
 
 router = APIRouter()
 

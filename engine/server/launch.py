@@ -8,9 +8,9 @@ import os
 import sys
 from typing import Any
 
-from engine.config import EngineConfig
+from vdeploy_engine.config import EngineConfig
 
-logger = logging.getLogger("engine.server")
+logger = logging.getLogger("vdeploy_engine.server")
 
 
 class EngineStartupError(Exception):
@@ -31,7 +31,7 @@ def serve(config: EngineConfig, api_key: str | None = None) -> int:
     """Loads the engine for `config` and serves it until interrupted. Returns the exit status."""
     import uvicorn
 
-    from engine.server.app import build_app
+    from vdeploy_engine.server.app import build_app
 
     _configure_logging()
     logger.info(
@@ -63,10 +63,10 @@ def serve(config: EngineConfig, api_key: str | None = None) -> int:
 def load_engine(config: EngineConfig) -> Any:
     """The running engine for `config`: a PoolingEngine for runner `pooling`, else an AsyncEngine."""
     if config.runner == "pooling":
-        from engine.pooling import PoolingEngine
+        from vdeploy_engine.pooling import PoolingEngine
 
         return PoolingEngine(config)
-    from engine.async_engine import AsyncEngine
+    from vdeploy_engine.async_engine import AsyncEngine
 
     return AsyncEngine(config)
 

@@ -8,9 +8,9 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from engine.config import EngineConfig
-from engine.server.metrics import ServerMetrics
-from engine.server.protocol import ChatMessage, ErrorInfo, ErrorResponse
+from vdeploy_engine.config import EngineConfig
+from vdeploy_engine.server.metrics import ServerMetrics
+from vdeploy_engine.server.protocol import ChatMessage, ErrorInfo, ErrorResponse
 
 _ERROR_TYPES = {
     400: "BadRequestError",

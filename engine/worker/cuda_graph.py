@@ -14,8 +14,8 @@ from typing import Protocol
 
 import torch
 
-from engine.layers.attention import AttentionMetadata
-from vdeploy.memory import graph_batch_sizes  # the compiler budgets for exactly these sizes
+from vdeploy_engine.config import graph_batch_sizes
+from vdeploy_engine.layers.attention import AttentionMetadata
 
 logger = logging.getLogger(__name__)
 

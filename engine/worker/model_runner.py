@@ -19,11 +19,11 @@ from types import SimpleNamespace
 
 import torch
 
-from engine.config import EngineConfig
-from engine.core.scheduler import SchedulerOutput
-from engine.core.sequence import Sequence
-from engine.layers.attention import Attention, AttentionMetadata
-from engine.worker.sampler import Sampler, SamplerOutput
+from vdeploy_engine.config import EngineConfig
+from vdeploy_engine.core.scheduler import SchedulerOutput
+from vdeploy_engine.core.sequence import Sequence
+from vdeploy_engine.layers.attention import Attention, AttentionMetadata
+from vdeploy_engine.worker.sampler import Sampler, SamplerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class ModelRunner:
         self._graph_logits: torch.Tensor | None = None  # this step's logits when a graph produced them
         self.graphs = None
         if self.device.type == "cuda" and not config.enforce_eager:
-            from engine.worker.cuda_graph import DecodeGraphs
+            from vdeploy_engine.worker.cuda_graph import DecodeGraphs
 
             self._decode_buffers = _DecodeBuffers(config.max_num_seqs, self.max_blocks_per_seq, self.device)
             self.graphs = DecodeGraphs(model, self._decode_buffers, config.max_num_seqs)

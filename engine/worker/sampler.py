@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.core.sequence import Sequence
+from vdeploy_engine.core.sequence import Sequence
 
 
 @dataclass

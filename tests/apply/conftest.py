@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from engine.config import EngineConfig
 from vdeploy.plan import Plan
+from vdeploy_engine.config import EngineConfig
 
 
 @pytest.fixture

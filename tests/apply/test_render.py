@@ -70,7 +70,7 @@ def test_builtin_command_line() -> None:
     assert argv == [
         "python3",
         "-m",
-        "engine.server",
+        "vdeploy_engine.server",
         "--config",
         "/srv/demo.json",
         "--host",
@@ -137,7 +137,7 @@ def test_unknown_target_is_an_error() -> None:
 
 def test_supervised_replica_command_and_env(monkeypatch: pytest.MonkeyPatch, seed_t4_plan) -> None:
     argv = replica_command(seed_t4_plan, "/state/plan.json", 41234)
-    assert argv[1:] == ["-m", "engine.server", "--config", "/state/plan.json", "--host", "127.0.0.1", "--port", "41234"]
+    assert argv[1:] == ["-m", "vdeploy_engine.server", "--config", "/state/plan.json", "--host", "127.0.0.1", "--port", "41234"]
     env = replica_env(seed_t4_plan, [2, 3])
     assert env["CUDA_VISIBLE_DEVICES"] == "2,3" and env["CC"] == "/usr/bin/gcc-12"
 

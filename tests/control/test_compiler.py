@@ -7,12 +7,12 @@ import json
 
 import pytest
 
-from engine.config import EngineConfig
 from tests.control.conftest import RECIPES
 from vdeploy.compiler import PlanError, compile, plan_from_args, plan_recipe
 from vdeploy.modelinfo import resolve_model
 from vdeploy.profiles import load_profile
 from vdeploy.recipe import Recipe, load_recipes
+from vdeploy_engine.config import EngineConfig
 
 GiB = 1 << 30
 MiB = 1 << 20

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from tests.control.conftest import llama_config, write_safetensors
-from vdeploy.gguf_header import GGML_TYPES, GGUFError, read_gguf_header
 from vdeploy.modelinfo import resolve_model
+from vdeploy_engine.gguf_header import GGML_TYPES, GGUFError, read_gguf_header
 
 
 @pytest.mark.slow  # GGUFReader parses the whole vocabulary: ~2 s, more on a busy machine

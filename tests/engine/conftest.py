@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import LLM
+from vdeploy_engine import LLM
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from engine import SamplingParams
-from engine.async_engine import AsyncEngine, InvalidPromptError
+from vdeploy_engine import SamplingParams
+from vdeploy_engine.async_engine import AsyncEngine, InvalidPromptError
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def test_client_errors_raise_value_errors_before_anything_runs(async_engine):
 
 
 def test_a_crashed_engine_loop_fails_every_stream(make_llm):
-    from engine.async_engine import EngineDeadError
+    from vdeploy_engine.async_engine import EngineDeadError
 
     llm_engine = make_llm().llm_engine
     engine = AsyncEngine.from_engine(llm_engine)

@@ -8,9 +8,9 @@ import copy
 import pytest
 import torch
 
-from engine.layers.embedding import LMHead
-from engine.layers.linear import Linear, process_weights_after_loading
 from tests.models.harness import forward_no_cache, load_engine_model
+from vdeploy_engine.layers.embedding import LMHead
+from vdeploy_engine.layers.linear import Linear, process_weights_after_loading
 
 PROMPTS = [[5, 17, 42, 99, 3, 250, 7], [11, 12], [300, 301, 302, 303]]
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from engine.detokenizer import IncrementalDetokenizer
+from vdeploy_engine.detokenizer import IncrementalDetokenizer
 
 TEXTS = [
     "深度学习模型的推理服务需要高效的内存管理。",

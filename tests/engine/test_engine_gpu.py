@@ -17,7 +17,7 @@ def _greedy(model_dir, prompts=PROMPTS, **kwargs) -> tuple[list[list[int]], dict
     cache would count as memory outside the next engine's reach."""
     import torch
 
-    from engine import LLM, SamplingParams
+    from vdeploy_engine import LLM, SamplingParams
 
     llm = LLM(str(model_dir), dtype="float32", gpu_memory_utilization=0.2, max_model_len=256, **kwargs)
     outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
@@ -64,13 +64,13 @@ def test_programmatic_dependent_launch_changes_no_token(tiny_llama_dir, monkeypa
     without PDL, through CUDA graphs and eagerly."""
     import torch
 
-    import kernels.launch
+    import vdeploy_kernels.launch
 
-    if not kernels.launch.pdl(torch.empty(0, device="cuda")):
+    if not vdeploy_kernels.launch.pdl(torch.empty(0, device="cuda")):
         pytest.skip("programmatic dependent launch needs Hopper or later")
     prompts = PROMPTS[2:]  # one sequence: every decode step takes the fused path
     with_pdl = [_greedy(tiny_llama_dir, prompts)[0], _greedy(tiny_llama_dir, prompts, enforce_eager=True)[0]]
-    monkeypatch.setattr(kernels.launch, "ENABLED", False)
+    monkeypatch.setattr(vdeploy_kernels.launch, "ENABLED", False)
     assert with_pdl == [_greedy(tiny_llama_dir, prompts)[0], _greedy(tiny_llama_dir, prompts, enforce_eager=True)[0]]
 
 
@@ -88,7 +88,7 @@ def test_run_ahead_decode_gives_eager_outputs(tiny_llama_dir):
     step) and an abandoned stream give exactly what eager execution gives, and every KV block comes back."""
     import torch
 
-    from engine import LLM, SamplingParams
+    from vdeploy_engine import LLM, SamplingParams
 
     def run(**kwargs):
         llm = LLM(str(tiny_llama_dir), dtype="float32", gpu_memory_utilization=0.2, max_model_len=256, **kwargs)

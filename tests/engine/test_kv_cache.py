@@ -1,8 +1,8 @@
 """The KV cache bookkeeping alone: block tables, reference counts, prefix caching, copy-on-write, swapping."""
 
-from engine.core.kv_cache import KVCacheManager
-from engine.core.sequence import Request, Sequence
-from engine.sampling_params import SamplingParams
+from vdeploy_engine.core.kv_cache import KVCacheManager
+from vdeploy_engine.core.sequence import Request, Sequence
+from vdeploy_engine.sampling_params import SamplingParams
 
 
 def make_seq(tokens: list[int]) -> Sequence:

@@ -7,8 +7,8 @@ import pytest
 import torch
 from engine_test_utils import random_prompts
 
-from engine import SamplingParams
-from engine.core.engine import InvalidPromptError
+from vdeploy_engine import SamplingParams
+from vdeploy_engine.core.engine import InvalidPromptError
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
@@ -40,7 +40,7 @@ def alone(make_llm) -> list[list[int]]:
 def test_greedy_tokens_match_transformers(request, fixture):
     from transformers import AutoModelForCausalLM
 
-    from engine import LLM
+    from vdeploy_engine import LLM
 
     model_dir = request.getfixturevalue(fixture)
     llm = LLM(str(model_dir), dtype="float32", max_model_len=128, block_size=4, kv_cache_memory_bytes=1 << 20)
@@ -249,8 +249,8 @@ def test_bad_prompts_are_clear_errors(make_llm):
 
 
 def test_bad_llm_arguments_get_the_compilers_diagnostics(tiny_llama_dir):
-    from engine import LLM
     from vdeploy.compiler import PlanError
+    from vdeploy_engine import LLM
 
     with pytest.raises(PlanError, match="block_size"):
         LLM(str(tiny_llama_dir), block_size=3)

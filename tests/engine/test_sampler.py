@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from engine.core.sequence import Request
-from engine.sampling_params import SamplingParams, SamplingParamsError
-from engine.worker.sampler import Sampler
+from vdeploy_engine.core.sequence import Request
+from vdeploy_engine.sampling_params import SamplingParams, SamplingParamsError
+from vdeploy_engine.worker.sampler import Sampler
 
 VOCAB = 8
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from engine.config import EngineConfig
-from engine.core.kv_cache import KVCacheManager
-from engine.core.scheduler import Scheduler
-from engine.core.sequence import Request, SeqStatus
-from engine.sampling_params import SamplingParams
+from vdeploy_engine.config import EngineConfig
+from vdeploy_engine.core.kv_cache import KVCacheManager
+from vdeploy_engine.core.scheduler import Scheduler
+from vdeploy_engine.core.sequence import Request, SeqStatus
+from vdeploy_engine.sampling_params import SamplingParams
 
 
 def make(num_blocks=64, **config):

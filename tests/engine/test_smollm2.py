@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
+from vdeploy_engine import LLM, SamplingParams
 
 PROMPTS = [
     "The capital of France is",

@@ -21,12 +21,12 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from kernels import attention  # noqa: E402
-from kernels.activation import _silu_and_mul_kernel  # noqa: E402
-from kernels.kv_cache import _write_kv_kernel  # noqa: E402
-from kernels.linear import _fused_linear_kernel, _linear_config  # noqa: E402
-from kernels.rms_norm import _rms_norm_kernel  # noqa: E402  (kernels.rms_norm the attribute is the function)
-from kernels.rotary import _rotary_cache_kernel, _rotary_kernel  # noqa: E402
+from vdeploy_kernels import attention  # noqa: E402
+from vdeploy_kernels.activation import _silu_and_mul_kernel  # noqa: E402
+from vdeploy_kernels.kv_cache import _write_kv_kernel  # noqa: E402
+from vdeploy_kernels.linear import _fused_linear_kernel, _linear_config  # noqa: E402
+from vdeploy_kernels.rms_norm import _rms_norm_kernel  # noqa: E402  (kernels.rms_norm the attribute is the function)
+from vdeploy_kernels.rotary import _rotary_cache_kernel, _rotary_kernel  # noqa: E402
 
 H100 = GPUTarget("cuda", 90, 32)
 H100_SHARED_MEMORY = 227 * 1024

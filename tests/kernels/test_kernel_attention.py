@@ -9,8 +9,8 @@ tensors) at real model shapes, in bf16 and fp16.
 import pytest
 import torch
 
-import kernels
-from kernels.attention import (
+from vdeploy_kernels import ops
+from vdeploy_kernels.attention import (
     paged_decode_attention_ref,
     paged_decode_attention_triton,
     paged_prefill_attention_ref,
@@ -172,7 +172,7 @@ def test_gpu_decode(dtype, heads, block_size, seq_lens, sliding_window):
     num_heads, num_kv_heads, head_dim = heads
     key_cache, value_cache, tables, lens = make_paged_cache(seq_lens, num_kv_heads, head_dim, block_size, dtype)
     q = randn(len(seq_lens), num_heads, head_dim, dtype=dtype)
-    out = kernels.paged_decode_attention(q, key_cache, value_cache, tables, lens, head_dim**-0.5, sliding_window)
+    out = ops.paged_decode_attention(q, key_cache, value_cache, tables, lens, head_dim**-0.5, sliding_window)
     ref = paged_decode_attention_ref(q, key_cache, value_cache, tables, lens, head_dim**-0.5, sliding_window)
     assert not out.isnan().any()
     assert relative_error(out, ref) < 1e-2
@@ -187,7 +187,7 @@ def test_gpu_rotary_decode(dtype, heads, seq_lens, sliding_window):
     num_heads, num_kv_heads, head_dim = heads
     for is_neox in (True, False):
         out, ref = check_rotary_decode(
-            kernels.rotary_decode_attention, seq_lens, (num_heads, num_kv_heads), head_dim, 16, dtype, sliding_window,
+            ops.rotary_decode_attention, seq_lens, (num_heads, num_kv_heads), head_dim, 16, dtype, sliding_window,
             is_neox, head_dim,
         )
         assert relative_error(out, ref) < 1e-2
@@ -198,10 +198,10 @@ def test_gpu_decode_replays_in_cuda_graph_with_new_lengths():
     """The engine captures decode once per batch size and replays it as contexts grow."""
     key_cache, value_cache, tables, lens = make_paged_cache([3000, 100, 1], 2, 64, 16, torch.bfloat16)
     q = randn(3, 14, 64, dtype=torch.bfloat16)
-    kernels.paged_decode_attention(q, key_cache, value_cache, tables, lens, 0.125)  # compile outside the capture
+    ops.paged_decode_attention(q, key_cache, value_cache, tables, lens, 0.125)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = kernels.paged_decode_attention(q, key_cache, value_cache, tables, lens, 0.125)
+        out = ops.paged_decode_attention(q, key_cache, value_cache, tables, lens, 0.125)
     lens.copy_(torch.tensor([3001, 2500, 40], dtype=torch.int32))
     q.copy_(randn(3, 14, 64, dtype=torch.bfloat16, seed=5))
     graph.replay()
@@ -221,7 +221,7 @@ def test_gpu_prefill_with_prefix(dtype, heads, block_size, sliding_window):
     q = randn(sum(q_lens), num_heads, head_dim, dtype=dtype)
     cu = cu_seqlens_of(q_lens)
     scale = head_dim**-0.5
-    out = kernels.paged_prefill_attention(q, key_cache, value_cache, tables, cu, lens, scale, sliding_window)
+    out = ops.paged_prefill_attention(q, key_cache, value_cache, tables, cu, lens, scale, sliding_window)
     ref = paged_prefill_attention_ref(q, key_cache, value_cache, tables, cu, lens, scale, sliding_window)
     assert relative_error(out, ref) < 1e-2
     torch.testing.assert_close(out, ref, **TOLERANCE[dtype])
@@ -238,7 +238,7 @@ def test_gpu_varlen(dtype, heads, causal):
     q = randn(sum(q_lens), num_heads, head_dim, dtype=dtype)
     k = randn(sum(q_lens), num_kv_heads, head_dim, dtype=dtype, seed=2)
     v = randn(sum(q_lens), num_kv_heads, head_dim, dtype=dtype, seed=3)
-    out = kernels.varlen_attention(q, k, v, cu, head_dim**-0.5, causal)
+    out = ops.varlen_attention(q, k, v, cu, head_dim**-0.5, causal)
     ref = varlen_attention_ref(q, k, v, cu, head_dim**-0.5, causal)
     assert relative_error(out, ref) < 1e-2
     torch.testing.assert_close(out, ref, **TOLERANCE[dtype])
@@ -250,13 +250,13 @@ def test_gpu_float32_attention_is_not_rounded_to_tf32():
     exact = dict(atol=1e-5, rtol=1e-4)
     key_cache, value_cache, tables, lens = make_paged_cache([700, 33], 2, 64, 16, torch.float32)
     q = randn(2, 14, 64, dtype=torch.float32)
-    out = kernels.paged_decode_attention(q, key_cache, value_cache, tables, lens, 0.125)
+    out = ops.paged_decode_attention(q, key_cache, value_cache, tables, lens, 0.125)
     torch.testing.assert_close(out, paged_decode_attention_ref(q, key_cache, value_cache, tables, lens, 0.125), **exact)
     q = randn(40, 14, 64, dtype=torch.float32)
     cu = cu_seqlens_of([20, 20])
-    out = kernels.paged_prefill_attention(q, key_cache, value_cache, tables, cu, lens, 0.125)
+    out = ops.paged_prefill_attention(q, key_cache, value_cache, tables, cu, lens, 0.125)
     ref = paged_prefill_attention_ref(q, key_cache, value_cache, tables, cu, lens, 0.125)
     torch.testing.assert_close(out, ref, **exact)
     k, v = randn(40, 2, 64, dtype=torch.float32, seed=2), randn(40, 2, 64, dtype=torch.float32, seed=3)
-    out = kernels.varlen_attention(q, k, v, cu, 0.125)
+    out = ops.varlen_attention(q, k, v, cu, 0.125)
     torch.testing.assert_close(out, varlen_attention_ref(q, k, v, cu, 0.125), **exact)

@@ -8,11 +8,11 @@ bf16 included since these kernels use no tl.dot; tests marked `gpu` go through t
 import pytest
 import torch
 
-import kernels
-from kernels.activation import silu_and_mul_ref, silu_and_mul_triton
-from kernels.kv_cache import write_kv_cache_ref, write_kv_cache_triton
-from kernels.rms_norm import rms_norm_ref, rms_norm_triton
-from kernels.rotary import apply_rotary_ref, apply_rotary_triton, rotary_and_cache_ref, rotary_and_cache_triton
+from vdeploy_kernels import ops
+from vdeploy_kernels.activation import silu_and_mul_ref, silu_and_mul_triton
+from vdeploy_kernels.kv_cache import write_kv_cache_ref, write_kv_cache_triton
+from vdeploy_kernels.rms_norm import rms_norm_ref, rms_norm_triton
+from vdeploy_kernels.rotary import apply_rotary_ref, apply_rotary_triton, rotary_and_cache_ref, rotary_and_cache_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # One rounding of the output dtype apart (the kernels round where the references round, in float32 in between).
@@ -144,7 +144,7 @@ def test_rms_norm_promotes_like_reference():
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize("num_kv_heads,head_dim", [(2, 64), (8, 128), (1, 256)])
 def test_gpu_write_kv_cache(dtype, block_size, num_kv_heads, head_dim):
-    check_kv_write(kernels.write_kv_cache, 4096, num_kv_heads, head_dim, block_size, 1024, dtype, "cuda")
+    check_kv_write(ops.write_kv_cache, 4096, num_kv_heads, head_dim, block_size, 1024, dtype, "cuda")
 
 
 @pytest.mark.gpu
@@ -153,8 +153,8 @@ def test_gpu_write_kv_cache(dtype, block_size, num_kv_heads, head_dim):
 def test_gpu_rms_norm(dtype, hidden):
     x, residual = randn(333, hidden, dtype=dtype), randn(333, hidden, dtype=dtype, seed=2)
     weight = randn(hidden, dtype=dtype, seed=3)
-    torch.testing.assert_close(kernels.rms_norm(x, weight, 1e-5), rms_norm_ref(x, weight, 1e-5), **TOLERANCE[dtype])
-    out, new_residual = kernels.rms_norm(x, weight, 1e-5, residual)
+    torch.testing.assert_close(ops.rms_norm(x, weight, 1e-5), rms_norm_ref(x, weight, 1e-5), **TOLERANCE[dtype])
+    out, new_residual = ops.rms_norm(x, weight, 1e-5, residual)
     ref, ref_residual = rms_norm_ref(x, weight, 1e-5, residual)
     torch.testing.assert_close(out, ref, **TOLERANCE[dtype])
     torch.testing.assert_close(new_residual, ref_residual, **TOLERANCE[dtype])
@@ -172,7 +172,7 @@ def test_gpu_rotary(dtype, is_neox, heads, head_dim, rot_dim):
     angles = torch.outer(torch.arange(8192, dtype=torch.float32, device="cuda"), inv_freq)
     cos_sin_cache = torch.cat((angles.cos(), angles.sin()), dim=-1)
     positions = torch.randint(0, 8192, (num_tokens,), device="cuda")
-    out_q, out_k = kernels.apply_rotary(q, k, positions, cos_sin_cache, is_neox)
+    out_q, out_k = ops.apply_rotary(q, k, positions, cos_sin_cache, is_neox)
     ref_q, ref_k = apply_rotary_ref(q, k, positions, cos_sin_cache, is_neox)
     torch.testing.assert_close(out_q, ref_q, **TOLERANCE[dtype])
     torch.testing.assert_close(out_k, ref_k, **TOLERANCE[dtype])
@@ -184,7 +184,7 @@ def test_gpu_rotary(dtype, is_neox, heads, head_dim, rot_dim):
 @pytest.mark.parametrize("heads,head_dim,rot_dim", [((14, 2), 64, 64), ((9, 3), 64, 64), ((32, 8), 128, 32)])
 @pytest.mark.parametrize("num_tokens", [1, 8, 2048])  # decode batches and a prefill
 def test_gpu_rotary_and_cache(dtype, is_neox, heads, head_dim, rot_dim, num_tokens):
-    check_rotary_and_cache(kernels.rotary_and_cache, num_tokens, heads, head_dim, rot_dim, is_neox, dtype, "cuda")
+    check_rotary_and_cache(ops.rotary_and_cache, num_tokens, heads, head_dim, rot_dim, is_neox, dtype, "cuda")
 
 
 @pytest.mark.gpu
@@ -192,4 +192,4 @@ def test_gpu_rotary_and_cache(dtype, is_neox, heads, head_dim, rot_dim, num_toke
 @pytest.mark.parametrize("intermediate", [1536, 4864, 14336])
 def test_gpu_silu_and_mul(dtype, intermediate):
     x = randn(257, 2 * intermediate, dtype=dtype) * 3
-    torch.testing.assert_close(kernels.silu_and_mul(x), silu_and_mul_ref(x), **TOLERANCE[dtype])
+    torch.testing.assert_close(ops.silu_and_mul(x), silu_and_mul_ref(x), **TOLERANCE[dtype])

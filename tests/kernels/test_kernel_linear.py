@@ -8,8 +8,8 @@ Tests marked `gpu` go through the public function at the projection shapes of Qw
 import pytest
 import torch
 
-import kernels
-from kernels.linear import MAX_ROWS, fused_linear_ref, fused_linear_triton
+from vdeploy_kernels import ops
+from vdeploy_kernels.linear import MAX_ROWS, fused_linear_ref, fused_linear_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # One rounding of the output apart; products are summed in float32 in a different order than the reference's GEMM.
@@ -103,5 +103,5 @@ SMOLLM2_135M = [  # hidden 576, intermediate 1536, 9 heads / 3 KV heads of 64
 def test_gpu_fused_linear(rows, projection):
     _, n, k, prologue, with_bias, with_residual = projection
     x, weight, options = make_inputs(rows, n, k, prologue, with_bias, with_residual, torch.bfloat16, "cuda")
-    out = kernels.fused_linear(x, weight, **options, eps=1e-6)
+    out = ops.fused_linear(x, weight, **options, eps=1e-6)
     torch.testing.assert_close(out, fused_linear_ref(x, weight, **options, eps=1e-6), **TOLERANCE[torch.bfloat16])

@@ -10,9 +10,9 @@ import torch
 import transformers
 from torch import nn
 
-from engine.config import EngineConfig
-from engine.layers.attention import Attention, AttentionMetadata
-from engine.loader import load_hf_config, load_model
+from vdeploy_engine.config import EngineConfig
+from vdeploy_engine.layers.attention import Attention, AttentionMetadata
+from vdeploy_engine.loader import load_hf_config, load_model
 
 
 def load_engine_model(path: Path | str, dtype: str = "float32", device: str = "cpu") -> nn.Module:

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.models.llama import LlamaModel
 from tests.models.harness import PagedRun, load_engine_model
+from vdeploy_engine.models.llama import LlamaModel
 
 
 def _prefill_then_decode(model, prompts: list[list[int]], steps: int) -> list[torch.Tensor]:

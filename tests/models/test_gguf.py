@@ -7,11 +7,11 @@ import pytest
 import torch
 import transformers
 
-from engine.config import EngineConfig
-from engine.loader import ModelLoadError, load_hf_config, load_model, load_tokenizer
-from engine.loader.gguf import _unpermute_rope_rows, hf_tensor_name
 from tests.fixtures.tiny_models import save_tiny_gguf, save_tiny_model
 from tests.models.harness import forward_no_cache, load_engine_model, reference_logits
+from vdeploy_engine.config import EngineConfig
+from vdeploy_engine.loader import ModelLoadError, load_hf_config, load_model, load_tokenizer
+from vdeploy_engine.loader.gguf import _unpermute_rope_rows, hf_tensor_name
 
 PROMPTS = ["The capital of France is", "请用一句话介绍一下北京。"]
 

@@ -16,9 +16,9 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from engine.config import EngineConfig
-from engine.loader import ModelLoadError, load_hf_config, load_model, load_tokenizer, resolve_model
 from tests.models.harness import forward_no_cache, load_engine_model
+from vdeploy_engine.config import EngineConfig
+from vdeploy_engine.loader import ModelLoadError, load_hf_config, load_model, load_tokenizer, resolve_model
 
 SEQUENCES = [[5, 6, 7, 8, 9, 10], [40, 41, 42]]
 
@@ -243,8 +243,8 @@ def test_model_lands_on_the_configured_device_and_dtype_in_eval_mode(tiny_opt_di
 def test_registry_and_loader_errors_import_without_torch():
     """The control plane asks `is_supported` and catches ModelLoadError without paying for torch."""
     code = (
-        "import sys; import engine.loader; from engine.loader import ModelLoadError; "
-        "from engine.models.registry import is_supported; "
+        "import sys; import vdeploy_engine.loader; from vdeploy_engine.loader import ModelLoadError; "
+        "from vdeploy_engine.models.registry import is_supported; "
         "assert is_supported('Qwen2ForCausalLM') and not is_supported('FalconForCausalLM'); "
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )

@@ -7,9 +7,9 @@ import pytest
 import torch
 import transformers
 
-from engine.layers.rotary import build_cos_sin_cache, rope_parameters
 from tests.fixtures.tiny_models import save_tiny_model
 from tests.models.harness import forward_no_cache, load_engine_model, reference_logits
+from vdeploy_engine.layers.rotary import build_cos_sin_cache, rope_parameters
 
 HEAD_DIM = 16
 ROPE_CASES = {

@@ -8,9 +8,9 @@ import asyncio
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
-from engine import async_engine as async_engine_module
-from engine.async_engine import AsyncEngine
+from vdeploy_engine import LLM, SamplingParams
+from vdeploy_engine import async_engine as async_engine_module
+from vdeploy_engine.async_engine import AsyncEngine
 
 MAX_NUM_SEQS = 4
 

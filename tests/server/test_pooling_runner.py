@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from engine.config import EngineConfig
-from engine.pooling import PoolingEngine, PoolingSpec, pool, pooling_spec
+from vdeploy_engine.config import EngineConfig
+from vdeploy_engine.pooling import PoolingEngine, PoolingSpec, pool, pooling_spec
 
 
 def _model_dir(tmp_path, pooling: dict | None, modules: list | None):

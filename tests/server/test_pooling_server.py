@@ -1,4 +1,4 @@
-"""A real pooling replica of all-MiniLM-L6-v2 started the supervisor's way (`python -m engine.server --config`),
+"""A real pooling replica of all-MiniLM-L6-v2 started the supervisor's way (`python -m vdeploy_engine.server --config`),
 checked against sentence embeddings computed with transformers."""
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def server(minilm_dir, tmp_path_factory):
     }
     config = write_config(folder / "plan.json", **plan)
     env = os.environ | {KEY_ENV: API_KEY}
-    with run_server(["-m", "engine.server", "--config", str(config)], folder / "server.log", API_KEY, env) as running:
+    with run_server(["-m", "vdeploy_engine.server", "--config", str(config)], folder / "server.log", API_KEY, env) as running:
         yield running
 
 

@@ -20,7 +20,7 @@ def _last_line(result: subprocess.CompletedProcess) -> str:
 
 
 def test_unreadable_config(tmp_path):
-    result = _run("-m", "engine.server", "--config", str(tmp_path / "missing.json"))
+    result = _run("-m", "vdeploy_engine.server", "--config", str(tmp_path / "missing.json"))
     assert result.returncode == 1
     assert (
         _last_line(result)
@@ -31,7 +31,7 @@ def test_unreadable_config(tmp_path):
 def test_malformed_config_names_line_and_column(tmp_path):
     config = tmp_path / "plan.json"
     config.write_text('{\n  "model": "x",\n  oops\n}')
-    result = _run("-m", "engine.server", "--config", str(config))
+    result = _run("-m", "vdeploy_engine.server", "--config", str(config))
     assert result.returncode == 1
     assert _last_line(result).startswith(f"EngineStartupError: {config}:3:3: not valid JSON")
     assert "Traceback" not in result.stderr
@@ -39,25 +39,25 @@ def test_malformed_config_names_line_and_column(tmp_path):
 
 def test_invalid_field_is_named(tmp_path):
     config = write_config(tmp_path / "plan.json", model="x", max_num_seqs=0)
-    result = _run("-m", "engine.server", "--config", str(config))
+    result = _run("-m", "vdeploy_engine.server", "--config", str(config))
     assert result.returncode == 1
     assert "max_num_seqs: must be >= 1" in _last_line(result)
     unknown = write_config(tmp_path / "plan2.json", model="x", max_num_seq=3)
     assert "max_num_seq: unknown EngineConfig field" in _last_line(
-        _run("-m", "engine.server", "--config", str(unknown))
+        _run("-m", "vdeploy_engine.server", "--config", str(unknown))
     )
 
 
 def test_unset_api_key_env(tmp_path):
     config = write_config(tmp_path / "plan.json", model="x", api_key_env="VDEPLOY_TEST_UNSET_KEY")
-    result = _run("-m", "engine.server", "--config", str(config))
+    result = _run("-m", "vdeploy_engine.server", "--config", str(config))
     assert result.returncode == 1
     assert "VDEPLOY_TEST_UNSET_KEY" in _last_line(result)
 
 
 def test_model_that_cannot_load_says_why(tmp_path):
     config = write_config(tmp_path / "plan.json", model=str(tmp_path / "no-such-model"), kv_cache_memory_bytes=1 << 20)
-    result = _run("-m", "engine.server", "--config", str(config), "--port", "0")
+    result = _run("-m", "vdeploy_engine.server", "--config", str(config), "--port", "0")
     assert result.returncode == 1
     last = _last_line(result)
     assert last.startswith("EngineStartupError: ") and "no-such-model" in last

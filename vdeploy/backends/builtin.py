@@ -1,4 +1,4 @@
-"""The builtin engine: `python -m engine.server --config PLAN.json --host H --port P`."""
+"""The builtin engine: `python -m vdeploy_engine.server --config PLAN.json --host H --port P`."""
 
 from __future__ import annotations
 
@@ -6,4 +6,4 @@ import sys
 
 
 def argv(plan_path: str, host: str, port: int, python: str | None = None) -> list[str]:
-    return [python or sys.executable, "-m", "engine.server", "--config", plan_path, "--host", host, "--port", str(port)]
+    return [python or sys.executable, "-m", "vdeploy_engine.server", "--config", plan_path, "--host", host, "--port", str(port)]

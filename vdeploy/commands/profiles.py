@@ -46,7 +46,8 @@ def run_show(args: argparse.Namespace) -> int:
 def run_detect(args: argparse.Namespace) -> int:
     found = detect()
     if not found.count:
-        print("no GPU found (tried nvidia-smi, NVML, torch): profile cpu")
+        print(f"no GPU found (tried nvidia-smi, NVML, torch): profile cpu with this machine's "
+              f"{found.memory_gib:.1f} GiB of RAM")
         return 0
     capability = f", compute capability {found.compute_capability}" if found.compute_capability else ""
     print(f"{found.count} x {found.gpu_name} ({found.memory_gib:.1f} GiB{capability}) via {found.method}: "

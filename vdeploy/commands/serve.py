@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
+from vdeploy.backends.builtin import argv as builtin_argv
 from vdeploy.diagnostics import format_diagnostics, use_color
+from vdeploy.plan import Plan
 
 # Flags that do not become recipe fields.
 _SERVE_ONLY = {"command", "func", "model", "api_key", "disable_custom_all_reduce"}
@@ -67,11 +70,22 @@ def run(args: argparse.Namespace) -> int:
     warnings = [d for d in plan.diagnostics if d.severity == "warning"]
     if warnings:
         print(format_diagnostics(warnings, "text", color=color), file=sys.stderr)
-    from engine.server.launch import EngineStartupError, api_key_from_env, serve  # torch loads only in serve()
+    return _exec_engine_server(plan, args.api_key)
 
-    try:
-        api_key = args.api_key or api_key_from_env(plan.engine)
-    except EngineStartupError as error:
-        print(f"vdeploy serve: {error}", file=sys.stderr)
-        return 1
-    return serve(plan.engine, api_key)
+
+def _exec_engine_server(plan: Plan, api_key: str | None) -> int:
+    """Replaces this process with the engine's server on the plan, so signals and the exit status are the server's.
+    The control plane starts the engine as a program, never imports it (docs/DESIGN.md, "Import rules")."""
+    import os
+    import tempfile
+
+    folder = Path(tempfile.gettempdir()) / f"vdeploy-serve-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    plan_path = folder / f"{plan.engine.name}.{os.getpid()}.json"
+    plan_path.write_text(plan.model_dump_json(), encoding="utf-8")
+    argv = builtin_argv(str(plan_path), plan.engine.host, plan.engine.port)
+    if api_key:
+        argv += ["--api-key", api_key]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(argv[0], argv)

@@ -2,6 +2,7 @@
 
 The `gguf` package reads the same data, but importing it (and numpy) costs ~0.2 s, most of `vdeploy lint`'s budget;
 this reader touches only the header pages through mmap. tests/control checks it against `gguf.GGUFReader`.
+Shared, torch-free, by the engine's GGUF loader and the control plane's model facts (`vdeploy/modelinfo.py`).
 """
 
 from __future__ import annotations

@@ -28,17 +28,17 @@ Shapes (T = tokens in a flat batch, B = sequences, H/Hkv = query/KV heads, D = h
   length of each sequence *including* this step's tokens, all of which are already written to the cache.
 """
 
-from kernels.activation import silu_and_mul
-from kernels.attention import (
+from vdeploy_kernels.activation import silu_and_mul
+from vdeploy_kernels.attention import (
     paged_decode_attention,
     paged_prefill_attention,
     rotary_decode_attention,
     varlen_attention,
 )
-from kernels.kv_cache import write_kv_cache
-from kernels.linear import fused_linear
-from kernels.rms_norm import rms_norm
-from kernels.rotary import apply_rotary, rotary_and_cache
+from vdeploy_kernels.kv_cache import write_kv_cache
+from vdeploy_kernels.linear import fused_linear
+from vdeploy_kernels.rms_norm import rms_norm
+from vdeploy_kernels.rotary import apply_rotary, rotary_and_cache
 
 __all__ = [
     "apply_rotary",
