@@ -15,7 +15,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def _value(value: object) -> str:
+def value_text(value: object) -> str:
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, dict):
@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
             lines.append(plan_text(result.plan))
             lines.append("\ndecisions (what the recipe left open, and why the compiler chose it)")
             width = max((len(d.field) for d in result.plan.decisions), default=0)
-            lines += [f"  {d.field:<{width}}  {_value(d.value)}\n  {'':<{width}}  because {d.reason}"
+            lines += [f"  {d.field:<{width}}  {value_text(d.value)}\n  {'':<{width}}  because {d.reason}"
                       for d in result.plan.decisions]
         if result.diagnostics:
             lines.append("\nfindings")

@@ -1,17 +1,29 @@
-"""`vdeploy plan FILE`: the resolved EngineConfig and the memory table of each recipe in FILE. Exit 1 on errors."""
+"""`vdeploy plan FILE`: the resolved EngineConfig and the memory table of each recipe in FILE. Exit 1 on errors.
+
+With --sweep KEY=VALUES, one compile per value instead: a table of what fits (see vdeploy/sweep.py).
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass
 
+from vdeploy.commands.output import add_output_argument, emit
 from vdeploy.diagnostics import Diagnostic, format_diagnostics, has_errors, use_color
-from vdeploy.plan import Plan
+from vdeploy.plan import MemoryBudget, Plan
 from vdeploy.recipe import load_recipes
 
 GiB = 1 << 30
+
+
+EXAMPLES = """examples:
+  vdeploy plan recipes/quickstart-smollm2-cpu.yaml
+  vdeploy plan recipe.yaml -o json
+  vdeploy plan recipe.yaml --sweep memory.max_model_len=2048..32768
+  vdeploy plan recipe.yaml --sweep hardware=t4,l4,a100-40gb
+  vdeploy plan recipe.yaml --detailed-exitcode   # in CI: exit 2 when apply would change something
+"""
 
 
 @dataclass
@@ -22,13 +34,16 @@ class PlannedRecipe:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("plan", help="show the resolved engine settings and memory plan",
-                                   description=__doc__)
+    parser = subparsers.add_parser(
+        "plan", help="show the resolved engine settings and memory plan", description=__doc__,
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_file_arguments(parser)
-    parser.add_argument("--format", choices=("text", "json"), default="text",
-                        help="output format (default: text); json gives one object, or a list when FILE holds several")
+    add_output_argument(parser)
     parser.add_argument("--detailed-exitcode", action="store_true",
                         help="exit 0 when `apply` would change nothing, 2 when it would, 1 on errors (as terraform)")
+    parser.add_argument("--sweep", metavar="KEY=VALUES",
+                        help="what fits: one plan per value, e.g. memory.max_model_len=2048..32768, "
+                             "gpu_memory_utilization=0.5..0.95, max_num_seqs=8,16,64, hardware=all")
     parser.set_defaults(func=run)
 
 
@@ -100,21 +115,67 @@ def plan_text(plan: Plan) -> str:
         f"  overhead     {_gib(m.overhead_bytes)}",
         f"  kv cache     {_gib(m.kv_cache_bytes)}   {m.kv_tokens:,} tokens at {m.kv_bytes_per_token:,} B/token, "
         f"{m.max_concurrency}x max_model_len",
+        budget_bar(m),
     ]
     return "\n".join(lines)
 
 
+# The stacked bar under the memory table: one letter per term of the budget, in the table's order.
+BAR_TERMS = (("weights_bytes", "W", "weights"), ("activation_bytes", "A", "activations"),
+             ("cuda_graph_bytes", "G", "cuda graphs"), ("overhead_bytes", "O", "overhead"),
+             ("kv_cache_bytes", "K", "kv cache"))
+BAR_WIDTH = 60
+
+
+def budget_bar(m: MemoryBudget, width: int = BAR_WIDTH) -> str:
+    """The budget as a stacked bar; unused budget is '.', and a plan over budget is scaled to what it needs."""
+    sizes = [max(getattr(m, term), 0) for term, _, _ in BAR_TERMS]
+    used = sum(sizes)
+    sizes.append(max(m.budget_bytes - used, 0))
+    letters = [letter for _, letter, _ in BAR_TERMS] + ["."]
+    bar = "".join(letter * cells for letter, cells in zip(letters, _apportion(sizes, width), strict=True))
+    legend = "  ".join(f"{letter} {name}" for (term, letter, name), size in zip(BAR_TERMS, sizes, strict=False) if size)
+    over = used - m.budget_bytes
+    legend += "  . unused" if sizes[-1] else (f"  over budget by {over / GiB:.2f} GiB" if over > 0 else "")
+    return f"  [{bar}]  {legend}"
+
+
+def _apportion(sizes: list[int], width: int) -> list[int]:
+    """Whole cells for each size, `width` in all; every nonzero size gets at least one (largest remainders first)."""
+    total = sum(sizes) or 1
+    exact = [size * width / total for size in sizes]
+    cells = [max(1, int(e)) if size else 0 for size, e in zip(sizes, exact, strict=True)]
+    while sum(cells) < width:
+        cells[max(range(len(cells)), key=lambda i: exact[i] - cells[i])] += 1
+    while sum(cells) > width:
+        cells[max((i for i in range(len(cells)) if cells[i] > 1), key=lambda i: cells[i] - exact[i])] -= 1
+    return cells
+
+
+def decisions_text(plan: Plan) -> str:
+    """`-o wide`'s addition: every decision the compiler made, one line each (`vdeploy explain` gives the reasons)."""
+    from vdeploy.commands.explain import value_text
+
+    return "\n".join(["decisions", *(f"  {d.field} = {value_text(d.value)}" for d in plan.decisions)])
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.sweep:
+        from vdeploy.commands.plan_sweep import run_sweep
+
+        return run_sweep(args)
     results = plan_file(args.file, args.name)
     if not results:
         print(f"vdeploy plan: no recipe named {args.name!r} in {args.file}", file=sys.stderr)
         return 1
     diagnostics = [d for r in results for d in r.diagnostics]
-    if args.format == "json":
+    if args.output in ("json", "yaml"):
         objects = [plan_json(r) for r in results]
-        print(json.dumps(objects[0] if len(objects) == 1 else objects, indent=2))
+        emit(objects[0] if len(objects) == 1 else objects, args.output)
     else:
-        print("\n\n".join(plan_text(r.plan) for r in results if r.plan is not None))
+        wide = args.output == "wide"
+        print("\n\n".join(plan_text(r.plan) + ("\n" + decisions_text(r.plan) if wide else "")
+                           for r in results if r.plan is not None))
         shown = [d for d in diagnostics if d.severity != "info"]
         if shown:
             print(format_diagnostics(shown, "text", color=use_color(sys.stderr)), file=sys.stderr)
