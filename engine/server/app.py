@@ -52,8 +52,6 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if not location:
         return "The request body must be a JSON object.", None
     field = ".".join(location)
-    if first.get("type") == "extra_forbidden":
-        return f"Unrecognized request argument supplied: {field}", location[0]
     return f"Invalid value for '{field}': {first.get('msg')}", location[0]
 
 

@@ -1,16 +1,20 @@
 """Request and response bodies of the OpenAI-compatible API, shaped like OpenAI's and vLLM's so their clients work.
 
-Requests reject unknown fields (a typo is a 400 naming the field, not a silently ignored option) and range-check
-every sampling parameter, so a bad value is a 400 naming it before anything reaches the engine.
+Requests accept unknown fields and ignore them with a warning in the log that names them (as vLLM does: clients send
+fields of newer API versions), while a known field of the wrong type or out of range is a 400 naming it before
+anything reaches the engine.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+logger = logging.getLogger("vdeploy_engine.server")
 
 
 def random_id(prefix: str) -> str:
@@ -21,18 +25,28 @@ def _now() -> int:
     return int(time.time())
 
 
-class Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Tolerant(BaseModel):
+    """A request body (or part of one): unknown fields are kept out of the way and named in a warning."""
 
+    model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="after")
+    def _warn_unknown_fields(self) -> Tolerant:
+        if self.model_extra:
+            logger.warning(
+                "The following fields were present in the request but ignored: %s", sorted(self.model_extra)
+            )
+        return self
+
+
+class Request(Tolerant):
     model: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------------- sampling
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class StreamOptions(Tolerant):
     include_usage: bool = False
 
 

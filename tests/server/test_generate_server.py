@@ -196,10 +196,16 @@ def test_inconsistent_parameters_are_400(server):
     assert _error(server.http().post("/v1/completions", json=body), 400)["param"] == "min_tokens"
 
 
-def test_unknown_field_is_400_naming_it(server):
-    body = {"model": MODEL, "messages": HELLO, "temprature": 0.5}
-    error = _error(server.http().post("/v1/chat/completions", json=body), 400)
-    assert error["param"] == "temprature"
+def test_unknown_fields_are_ignored_with_a_warning_naming_them(server):
+    body = {"model": MODEL, "messages": HELLO, "max_tokens": 2, "temprature": 0.5, "store": True}
+    response = server.http().post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    assert "fields were present in the request but ignored: ['store', 'temprature']" in server.log_tail()
+
+
+def test_wrong_type_on_a_known_field_is_400_naming_it(server):
+    body = {"model": MODEL, "messages": HELLO, "max_tokens": "many"}
+    assert _error(server.http().post("/v1/chat/completions", json=body), 400)["param"] == "max_tokens"
 
 
 def test_malformed_json_is_400(server):
