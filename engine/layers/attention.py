@@ -16,7 +16,29 @@ from torch import nn
 from vdeploy_kernels import ops
 
 if TYPE_CHECKING:
+    from vdeploy_engine.distributed.parallel import TPGroup
     from vdeploy_engine.layers.rotary import RotaryEmbedding
+
+
+@dataclass(frozen=True)
+class HeadsPerRank:
+    """A tensor-parallel rank's share of the attention heads. With fewer KV heads than ranks each rank keeps one KV
+    head, held by `kv_replicas` consecutive ranks (as vLLM does)."""
+
+    num_heads: int
+    num_kv_heads: int
+    kv_replicas: int
+
+    @classmethod
+    def split(cls, num_heads: int, num_kv_heads: int, tp: TPGroup) -> HeadsPerRank:
+        heads = tp.split(num_heads, "num_attention_heads")
+        if num_kv_heads >= tp.size:
+            return cls(heads, tp.split(num_kv_heads, "num_key_value_heads"), 1)
+        if tp.size % num_kv_heads:
+            raise ValueError(
+                f"the tensor-parallel size {tp.size} is not a multiple of num_key_value_heads ({num_kv_heads})"
+            )
+        return cls(heads, 1, tp.size // num_kv_heads)
 
 
 @dataclass

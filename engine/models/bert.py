@@ -11,26 +11,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vdeploy_engine.layers.attention import Attention, AttentionMetadata
+from vdeploy_engine.distributed.parallel import SINGLE, TPGroup
+from vdeploy_engine.layers.attention import Attention, AttentionMetadata, HeadsPerRank
 from vdeploy_engine.layers.linear import Linear
 
 
 class BertLayer(nn.Module):
-    def __init__(self, hidden: int, heads: int, intermediate: int, eps: float):
+    def __init__(self, hidden: int, heads: int, intermediate: int, eps: float, tp: TPGroup):
         super().__init__()
-        self.hidden = hidden
         head_dim = hidden // heads
+        local = HeadsPerRank.split(heads, heads, tp)
         # query, key and value fused into one matmul
-        self.qkv_proj = Linear(hidden, 3 * hidden, bias=True, shards={"query": hidden, "key": hidden, "value": hidden})
-        self.attn = Attention(heads, heads, head_dim, scale=head_dim**-0.5, causal=False)
-        self.attn_out = Linear(hidden, hidden, bias=True)
+        shards = {"query": hidden, "key": hidden, "value": hidden}
+        self.qkv_proj = Linear(hidden, 3 * hidden, bias=True, shards=shards, parallel="column", tp=tp)
+        self.attn = Attention(local.num_heads, local.num_kv_heads, head_dim, scale=head_dim**-0.5, causal=False)
+        self.attn_out = Linear(hidden, hidden, bias=True, parallel="row", tp=tp)
         self.attn_norm = nn.LayerNorm(hidden, eps=eps)
-        self.up_proj = Linear(hidden, intermediate, bias=True)
-        self.down_proj = Linear(intermediate, hidden, bias=True)
+        self.up_proj = Linear(hidden, intermediate, bias=True, parallel="column", tp=tp)
+        self.down_proj = Linear(intermediate, hidden, bias=True, parallel="row", tp=tp)
         self.mlp_norm = nn.LayerNorm(hidden, eps=eps)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split(self.hidden, dim=-1)
+        q, k, v = self.qkv_proj(x).chunk(3, dim=-1)
         x = self.attn_norm(x + self.attn_out(self.attn(q, k, v, meta)))  # post-norm, as in BERT
         return self.mlp_norm(x + self.down_proj(F.gelu(self.up_proj(x))))
 
@@ -38,7 +40,7 @@ class BertLayer(nn.Module):
 class BertModel(nn.Module):
     """forward(input_ids [T], positions [T], meta) -> hidden states [T, hidden_size] of the last layer."""
 
-    def __init__(self, hf_config):
+    def __init__(self, hf_config, tp: TPGroup = SINGLE):
         super().__init__()
         if getattr(hf_config, "position_embedding_type", "absolute") != "absolute":
             raise ValueError(
@@ -52,7 +54,7 @@ class BertModel(nn.Module):
         self.token_type_embeddings = nn.Embedding(hf_config.type_vocab_size, hidden)
         self.embed_norm = nn.LayerNorm(hidden, eps=eps)
         self.layers = nn.ModuleList(
-            BertLayer(hidden, hf_config.num_attention_heads, hf_config.intermediate_size, eps)
+            BertLayer(hidden, hf_config.num_attention_heads, hf_config.intermediate_size, eps, tp)
             for _ in range(hf_config.num_hidden_layers)
         )
 

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from vdeploy_engine.layers.attention import Attention, AttentionMetadata
+from vdeploy_engine.distributed.parallel import SINGLE, TPGroup
+from vdeploy_engine.layers.attention import Attention, AttentionMetadata, HeadsPerRank
 from vdeploy_engine.layers.embedding import LMHead, VocabEmbedding
 from vdeploy_engine.layers.linear import Linear, UnquantizedMethod
 from vdeploy_engine.layers.norm import RMSNorm
@@ -51,19 +52,24 @@ def sliding_windows(hf_config: Any) -> list[int | None]:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, hf_config: Any, rotary: RotaryEmbedding, sliding_window: int | None, qkv_bias: bool):
+    def __init__(
+        self, hf_config: Any, rotary: RotaryEmbedding, sliding_window: int | None, qkv_bias: bool, tp: TPGroup
+    ):
         super().__init__()
-        self.head_dim = head_dim_of(hf_config)
-        self.num_heads, self.num_kv_heads = hf_config.num_attention_heads, hf_config.num_key_value_heads
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.head_dim = head_dim = head_dim_of(hf_config)
+        total_heads, total_kv_heads = hf_config.num_attention_heads, hf_config.num_key_value_heads
+        local = HeadsPerRank.split(total_heads, total_kv_heads, tp)
+        self.num_heads, self.num_kv_heads = local.num_heads, local.num_kv_heads
+        q_size, kv_size = total_heads * head_dim, total_kv_heads * head_dim
         o_bias = getattr(hf_config, "attention_bias", False)
         self.qkv_proj = Linear(
-            hf_config.hidden_size, q_size + 2 * kv_size, qkv_bias or o_bias, {"q": q_size, "k": kv_size, "v": kv_size}
+            hf_config.hidden_size, q_size + 2 * kv_size, qkv_bias or o_bias, {"q": q_size, "k": kv_size, "v": kv_size},
+            parallel="column", tp=tp, replicas={"k": local.kv_replicas, "v": local.kv_replicas},
         )
-        self.o_proj = Linear(q_size, hf_config.hidden_size, o_bias)
+        self.o_proj = Linear(q_size, hf_config.hidden_size, o_bias, parallel="row", tp=tp)
         self.rotary = rotary
-        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, sliding_window)
-        self.splits = [q_size, kv_size, kv_size]
+        self.attn = Attention(self.num_heads, self.num_kv_heads, head_dim, head_dim**-0.5, sliding_window)
+        self.splits = list(self.qkv_proj.shards_local.values())
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj(hidden).split(self.splits, dim=-1)
@@ -85,16 +91,16 @@ class LlamaAttention(nn.Module):
         kv_shape = (-1, self.num_kv_heads, self.head_dim)
         q = q.view(-1, self.num_heads, self.head_dim)
         attn = self.attn.attend_unrotated(q, k.view(kv_shape), v.view(kv_shape), positions, self.rotary, meta)
-        return ops.fused_linear(attn, self.o_proj.weight, self.o_proj.bias, residual=hidden)
+        return self.o_proj.fused_with_residual(attn, hidden)
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, hf_config: Any):
+    def __init__(self, hf_config: Any, tp: TPGroup):
         super().__init__()
         hidden, inter = hf_config.hidden_size, hf_config.intermediate_size
         bias = getattr(hf_config, "mlp_bias", False)
-        self.gate_up_proj = Linear(hidden, 2 * inter, bias, {"gate": inter, "up": inter})
-        self.down_proj = Linear(inter, hidden, bias)
+        self.gate_up_proj = Linear(hidden, 2 * inter, bias, {"gate": inter, "up": inter}, parallel="column", tp=tp)
+        self.down_proj = Linear(inter, hidden, bias, parallel="row", tp=tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
@@ -105,14 +111,16 @@ class LlamaMLP(nn.Module):
         gate_up = ops.fused_linear(
             hidden, self.gate_up_proj.weight, self.gate_up_proj.bias, norm_weight=norm.weight, eps=norm.eps
         )
-        return ops.fused_linear(gate_up, self.down_proj.weight, self.down_proj.bias, gate_up=True, residual=hidden)
+        return self.down_proj.fused_with_residual(gate_up, hidden, gate_up=True)
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, hf_config: Any, rotary: RotaryEmbedding, sliding_window: int | None, qkv_bias: bool):
+    def __init__(
+        self, hf_config: Any, rotary: RotaryEmbedding, sliding_window: int | None, qkv_bias: bool, tp: TPGroup
+    ):
         super().__init__()
-        self.self_attn = LlamaAttention(hf_config, rotary, sliding_window, qkv_bias)
-        self.mlp = LlamaMLP(hf_config)
+        self.self_attn = LlamaAttention(hf_config, rotary, sliding_window, qkv_bias, tp)
+        self.mlp = LlamaMLP(hf_config, tp)
         self.input_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
 
@@ -135,13 +143,13 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, hf_config: Any, qkv_bias: bool):
+    def __init__(self, hf_config: Any, qkv_bias: bool, tp: TPGroup):
         super().__init__()
-        self.embed_tokens = VocabEmbedding(hf_config.vocab_size, hf_config.hidden_size)
+        self.embed_tokens = VocabEmbedding(hf_config.vocab_size, hf_config.hidden_size, tp)
         # One cos/sin cache, shared by every layer.
         rotary = RotaryEmbedding(head_dim_of(hf_config), hf_config.max_position_embeddings, rope_parameters(hf_config))
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(hf_config, rotary, window, qkv_bias) for window in sliding_windows(hf_config)
+            LlamaDecoderLayer(hf_config, rotary, window, qkv_bias, tp) for window in sliding_windows(hf_config)
         )
         self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
 
@@ -174,13 +182,13 @@ class LlamaForCausalLM(nn.Module):
 
     qkv_bias = False
 
-    def __init__(self, hf_config: Any):
+    def __init__(self, hf_config: Any, tp: TPGroup = SINGLE):
         super().__init__()
         self.config = hf_config
-        self.model = LlamaModel(hf_config, self.qkv_bias)
+        self.model = LlamaModel(hf_config, self.qkv_bias, tp)
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         tied = self.model.embed_tokens if self.tie_word_embeddings else None
-        self.lm_head = LMHead(hf_config.vocab_size, hf_config.hidden_size, tied)
+        self.lm_head = LMHead(hf_config.vocab_size, hf_config.hidden_size, tied, tp)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids/positions [T] -> hidden states [T, hidden]."""

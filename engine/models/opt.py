@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vdeploy_engine.layers.attention import Attention, AttentionMetadata
+from vdeploy_engine.distributed.parallel import SINGLE, TPGroup
+from vdeploy_engine.layers.attention import Attention, AttentionMetadata, HeadsPerRank
 from vdeploy_engine.layers.embedding import LMHead, VocabEmbedding
 from vdeploy_engine.layers.linear import Linear
 from vdeploy_engine.loader.errors import ModelLoadError
@@ -20,12 +21,13 @@ _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
 
 
 class OPTAttention(nn.Module):
-    def __init__(self, hf_config: Any):
+    def __init__(self, hf_config: Any, tp: TPGroup):
         super().__init__()
         dim, heads, bias = hf_config.hidden_size, hf_config.num_attention_heads, hf_config.enable_bias
-        self.qkv_proj = Linear(dim, 3 * dim, bias, {"q": dim, "k": dim, "v": dim})
-        self.out_proj = Linear(dim, dim, bias)
-        self.attn = Attention(heads, heads, dim // heads, (dim // heads) ** -0.5)
+        local = HeadsPerRank.split(heads, heads, tp)
+        self.qkv_proj = Linear(dim, 3 * dim, bias, {"q": dim, "k": dim, "v": dim}, parallel="column", tp=tp)
+        self.out_proj = Linear(dim, dim, bias, parallel="row", tp=tp)
+        self.attn = Attention(local.num_heads, local.num_kv_heads, dim // heads, (dim // heads) ** -0.5)
 
     def forward(self, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj(hidden).chunk(3, dim=-1)
@@ -33,14 +35,14 @@ class OPTAttention(nn.Module):
 
 
 class OPTDecoderLayer(nn.Module):
-    def __init__(self, hf_config: Any):
+    def __init__(self, hf_config: Any, tp: TPGroup):
         super().__init__()
         dim, affine = hf_config.hidden_size, hf_config.layer_norm_elementwise_affine
         self.pre_norm = hf_config.do_layer_norm_before
-        self.self_attn = OPTAttention(hf_config)
+        self.self_attn = OPTAttention(hf_config, tp)
         self.self_attn_layer_norm = nn.LayerNorm(dim, elementwise_affine=affine)
-        self.fc1 = Linear(dim, hf_config.ffn_dim, hf_config.enable_bias)
-        self.fc2 = Linear(hf_config.ffn_dim, dim, hf_config.enable_bias)
+        self.fc1 = Linear(dim, hf_config.ffn_dim, hf_config.enable_bias, parallel="column", tp=tp)
+        self.fc2 = Linear(hf_config.ffn_dim, dim, hf_config.enable_bias, parallel="row", tp=tp)
         self.final_layer_norm = nn.LayerNorm(dim, elementwise_affine=affine)
         if hf_config.activation_function not in _ACTIVATIONS:
             raise ModelLoadError(
@@ -60,14 +62,14 @@ class OPTDecoderLayer(nn.Module):
 
 
 class OPTDecoder(nn.Module):
-    def __init__(self, hf_config: Any):
+    def __init__(self, hf_config: Any, tp: TPGroup):
         super().__init__()
         dim, embed_dim = hf_config.hidden_size, hf_config.word_embed_proj_dim
-        self.embed_tokens = VocabEmbedding(hf_config.vocab_size, embed_dim)
+        self.embed_tokens = VocabEmbedding(hf_config.vocab_size, embed_dim, tp)
         self.embed_positions = VocabEmbedding(hf_config.max_position_embeddings + POSITION_OFFSET, dim)
         self.project_in = Linear(embed_dim, dim) if embed_dim != dim else None
         self.project_out = Linear(dim, embed_dim) if embed_dim != dim else None
-        self.layers = nn.ModuleList(OPTDecoderLayer(hf_config) for _ in range(hf_config.num_hidden_layers))
+        self.layers = nn.ModuleList(OPTDecoderLayer(hf_config, tp) for _ in range(hf_config.num_hidden_layers))
         keep_final_norm = hf_config.do_layer_norm_before and not getattr(hf_config, "_remove_final_layer_norm", False)
         self.final_layer_norm = (
             nn.LayerNorm(dim, elementwise_affine=hf_config.layer_norm_elementwise_affine) if keep_final_norm else None
@@ -88,17 +90,18 @@ class OPTDecoder(nn.Module):
 
 
 class OPTModel(nn.Module):
-    def __init__(self, hf_config: Any):
+    def __init__(self, hf_config: Any, tp: TPGroup):
         super().__init__()
-        self.decoder = OPTDecoder(hf_config)
+        self.decoder = OPTDecoder(hf_config, tp)
 
 
 class OPTForCausalLM(nn.Module):
-    def __init__(self, hf_config: Any):
+    def __init__(self, hf_config: Any, tp: TPGroup = SINGLE):
         super().__init__()
         self.config = hf_config
-        self.model = OPTModel(hf_config)
-        self.lm_head = LMHead(hf_config.vocab_size, hf_config.word_embed_proj_dim, self.model.decoder.embed_tokens)
+        self.model = OPTModel(hf_config, tp)
+        embed = self.model.decoder.embed_tokens
+        self.lm_head = LMHead(hf_config.vocab_size, hf_config.word_embed_proj_dim, embed, tp)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids/positions [T] -> hidden states [T, word_embed_proj_dim]."""

@@ -1,0 +1,1 @@
+"""Running one replica across several processes: tensor-parallel groups and their collectives (parallel.py)."""
