@@ -18,6 +18,8 @@ DType = Literal["float16", "bfloat16", "float32"]
 Device = Literal["cuda", "cpu"]
 
 
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.9  # vLLM's default
+DEFAULT_MAX_MODEL_LEN = 2048  # when nothing says more: no plan, or a model whose positions are unknown
 MAX_GRAPH_BATCH = 512  # the largest decode batch captured; bigger batches run eagerly (as in vLLM)
 
 
@@ -26,6 +28,30 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     captures exactly these and the compiler budgets for exactly these."""
     top = min(max_num_seqs, MAX_GRAPH_BATCH)
     return sorted({b for b in (1, 2, 4) if b <= top} | set(range(8, top + 1, 8)))
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """The compiler's memory table, per GPU, in bytes (DESIGN.md's memory model): kv_cache = budget - weights -
+    activations - cuda_graphs - overhead. The plan shows it; the engine logs what it measures beside it."""
+
+    budget_bytes: int
+    weights_bytes: int
+    activation_bytes: int
+    cuda_graph_bytes: int
+    overhead_bytes: int
+    kv_cache_bytes: int
+    kv_bytes_per_token: int
+    kv_tokens: int  # whole blocks only
+    max_model_len: int
+    max_concurrency: float = field(init=False)  # how many max_model_len sequences the KV cache holds at once
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "max_concurrency", round(self.kv_tokens / self.max_model_len, 2))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MemoryBudget:
+        return cls(**{k: v for k, v in data.items() if k != "max_concurrency"})
 
 
 class EngineConfigError(ValueError):
@@ -57,8 +83,8 @@ class EngineConfig:
     distributed_executor_backend: str | None = None  # None (single process), "mp" or "ray"
 
     # Memory and batching.
-    gpu_memory_utilization: float = 0.9
-    max_model_len: int = 2048
+    gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION
+    max_model_len: int = DEFAULT_MAX_MODEL_LEN
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     block_size: int = 16
@@ -81,9 +107,9 @@ class EngineConfig:
     api_key_env: str | None = None  # name of the environment variable holding the API key
     chat_template: str | None = None  # a path or an inline Jinja template; None = the model's own
 
-    # The compiler's memory prediction (bytes per GPU), logged next to what the engine measures. Keys follow
-    # `vdeploy plan --format json`'s `memory` table. Empty when the engine was started without a plan.
-    predicted_memory: dict[str, int] = field(default_factory=dict)
+    # The compiler's memory prediction, logged next to what the engine measures. None when the engine was started
+    # without a plan.
+    predicted_memory: MemoryBudget | None = None
 
     def __post_init__(self) -> None:
         checks: list[tuple[str, bool, str]] = [
@@ -118,6 +144,18 @@ class EngineConfig:
             if not ok:
                 raise EngineConfigError(name, message)
 
+    def prompt_length_error(self, prompt_tokens: int) -> str | None:
+        """Why a prompt of this many tokens cannot be served, or None: the one rule of every entry point (LLM(...),
+        the server, the pooling runner). A prompt to generate from leaves room for at least one new token."""
+        if prompt_tokens == 0:
+            return "the prompt is empty"
+        room = 1 if self.runner == "generate" else 0
+        if prompt_tokens + room > self.max_model_len:
+            need = " plus at least one generated token" if room else ""
+            return (f"the prompt has {prompt_tokens} tokens, but max_model_len is {self.max_model_len} (this model's "
+                    f"maximum context length): the prompt{need} must fit")
+        return None
+
     @property
     def name(self) -> str:
         """The model name clients see."""
@@ -135,6 +173,8 @@ class EngineConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise EngineConfigError(unknown[0], "unknown EngineConfig field")
+        if isinstance(data.get("predicted_memory"), dict):
+            data = {**data, "predicted_memory": MemoryBudget.from_dict(data["predicted_memory"])}
         return cls(**data)
 
     @classmethod

@@ -15,6 +15,7 @@ decoder its last token. `convert: embed` normalises by default; `convert: reward
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -97,7 +98,9 @@ class PoolingEngine:
         self.tokenizer = load_tokenizer(config)
         self.model = load_model(config, hf_config)
         self.device = torch.device(config.device)
-        self.max_model_len = min(config.max_model_len, hf_config.max_position_embeddings)
+        # The model's positions bound the context whatever the plan says (BERT: 512).
+        self.config = dataclasses.replace(config, max_model_len=min(config.max_model_len, hf_config.max_position_embeddings))
+        self.max_model_len = self.config.max_model_len
         self.spec = pooling_spec(
             str(resolve_model(config.model, config.revision, config.download_dir)), config.convert, is_encoder=True
         )
@@ -120,13 +123,9 @@ class PoolingEngine:
         self._thread.start()
 
     async def embed(self, token_ids: list[int]) -> list[float]:
-        if not token_ids:
-            raise ValueError("the prompt is empty")
-        if len(token_ids) > self.max_model_len:
-            raise ValueError(
-                f"the prompt has {len(token_ids)} tokens, but this model's maximum context length is "
-                f"{self.max_model_len} tokens"
-            )
+        problem = self.config.prompt_length_error(len(token_ids))
+        if problem:
+            raise ValueError(problem)
         loop = asyncio.get_running_loop()
         request = _Request(list(token_ids), loop, loop.create_future())
         self._incoming.put(request)

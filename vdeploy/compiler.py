@@ -14,18 +14,23 @@ import math
 from typing import Any
 
 from vdeploy import memory as mem
+from vdeploy import settings
 from vdeploy.diagnostics import Diagnostic, error, format_text, has_errors, info, warning
 from vdeploy.modelinfo import ModelFacts, resolve_model
-from vdeploy.plan import Decision, MemoryBudget, Plan
+from vdeploy.plan import Decision, Plan
 from vdeploy.profiles import HardwareProfile, ProfileError, detect, detected_profile, load_profile
 from vdeploy.recipe import Recipe, SourceMap, validate_recipe
-from vdeploy_engine.config import EngineConfig, EngineConfigError
+from vdeploy_engine.config import (
+    DEFAULT_GPU_MEMORY_UTILIZATION,
+    DEFAULT_MAX_MODEL_LEN,
+    EngineConfig,
+    EngineConfigError,
+    MemoryBudget,
+)
 
 GiB = mem.GiB
 logger = logging.getLogger(__name__)
 
-DEFAULT_UTILIZATION = 0.9  # vLLM's default gpu_memory_utilization
-FALLBACK_MAX_MODEL_LEN = 2048  # when the model's positions are unknown (no facts offline)
 CPU_KV_SHARE_WITHOUT_FACTS = 0.5  # share of the CPU budget given to the KV cache when the weights' size is unknown
 DTYPE_NAMES = {"half": "float16", "float16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16",
                "float": "float32", "float32": "float32"}
@@ -93,7 +98,7 @@ class _Compiler:
             enable_prefix_caching=r.runtime.enable_prefix_caching,
             enable_chunked_prefill=r.runtime.enable_chunked_prefill, seed=r.runtime.seed, host=r.server.host,
             port=r.server.port, api_key_env=r.server.api_key_env, chat_template=r.server.chat_template,
-            predicted_memory=_predicted(budget),
+            predicted_memory=budget,
             **self.settings,
         )
         engine = self._engine_config(settings)
@@ -272,7 +277,7 @@ class _Compiler:
     def _utilization(self) -> float:
         u = self.recipe.memory.gpu_memory_utilization
         if u == "auto":
-            return self.decide("memory.gpu_memory_utilization", DEFAULT_UTILIZATION, "vLLM's default")
+            return self.decide("memory.gpu_memory_utilization", DEFAULT_GPU_MEMORY_UTILIZATION, "vLLM's default")
         return u
 
     def _memory(self, dtype: str, quantization: str | None, eager: bool) -> MemoryBudget | None:
@@ -314,7 +319,7 @@ class _Compiler:
                                         f"{layout.kv_tokens / f.max_positions:.1f} times")
         self._decide_batching(seqs, tokens, halved)
         self._check_batching(seqs, tokens, max_model_len)
-        layout = layout.model_copy(update={"max_concurrency": round(layout.kv_tokens / max_model_len, 2)})
+        layout = dataclasses.replace(layout, max_model_len=max_model_len)
         fixed_kv = r.memory.kv_cache_memory_bytes
         if fixed_kv != "auto":
             self.settings["kv_cache_memory_bytes"] = fixed_kv
@@ -344,8 +349,7 @@ class _Compiler:
                       f"budget has {_gib(layout.kv_cache_bytes)} left, more than they can use")
         self.settings["kv_cache_memory_bytes"] = self.decide("memory.kv_cache_memory_bytes", kv, reason)
         tokens = mem.kv_tokens(kv, layout.kv_bytes_per_token, block)
-        return layout.model_copy(update={"kv_cache_bytes": kv, "kv_tokens": tokens,
-                                         "max_concurrency": round(tokens / max_model_len, 2)})
+        return dataclasses.replace(layout, kv_cache_bytes=kv, kv_tokens=tokens)
 
     def _layout(self, dtype: str, quantization: str | None, eager: bool, tp: int, utilization: float, seqs: int,
                 tokens: int, max_model_len: int) -> MemoryBudget:
@@ -413,7 +417,7 @@ class _Compiler:
         r = self.recipe
         max_model_len = r.memory.max_model_len
         if max_model_len == "auto":
-            max_model_len = self.decide("memory.max_model_len", FALLBACK_MAX_MODEL_LEN,
+            max_model_len = self.decide("memory.max_model_len", DEFAULT_MAX_MODEL_LEN,
                                         "model facts unavailable offline: a conservative default")
         m = r.memory
         seqs = self.profile.max_num_seqs if m.max_num_seqs == "auto" else m.max_num_seqs
@@ -436,12 +440,6 @@ def _tp_fits_heads(tp: int, facts: ModelFacts | None) -> bool:
         return True
     kv = facts.num_kv_heads
     return facts.num_heads % tp == 0 and (kv % tp == 0 if tp <= kv else tp % kv == 0)
-
-
-def _predicted(budget: MemoryBudget | None) -> dict[str, int]:
-    if budget is None:
-        return {}
-    return {k: v for k, v in budget.model_dump().items() if isinstance(v, int)}
 
 
 def _gib(n: int) -> str:
@@ -486,20 +484,11 @@ def plan_recipe(recipe: Recipe, source: SourceMap | None = None) -> tuple[Plan |
     return plan, diagnostics
 
 
-# vLLM-style keyword arguments -> where they go in a recipe. (Arguments for the engine only are applied afterwards.)
-_ARGUMENT_PATHS: dict[str, tuple[str, ...]] = {
-    **{k: (k,) for k in ("name", "served_model_name", "revision", "trust_remote_code", "runner", "convert", "dtype",
-                         "quantization", "hardware", "backend", "env", "task")},
-    **{k: ("parallelism", k) for k in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size",
-                                       "distributed_executor_backend")},
-    **{k: ("memory", k) for k in ("gpu_memory_utilization", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
-                                  "block_size", "swap_space", "cpu_offload_gb", "kv_cache_dtype",
-                                  "kv_cache_memory_bytes")},
-    **{k: ("runtime", k) for k in ("enforce_eager", "enable_prefix_caching", "enable_chunked_prefill", "seed")},
-    **{k: ("server", k) for k in ("host", "port", "api_key_env", "chat_template")},
-}
+# vLLM-style keyword arguments -> where they go in a recipe (vdeploy/settings.py); `task`, removed from vLLM, goes to
+# the recipe's top level so that validation names it and says what replaced it.
+_ARGUMENT_PATHS: dict[str, tuple[str, ...]] = {**settings.argument_paths(), "task": ("task",)}
 # EngineConfig fields no recipe holds: passed through to the plan's EngineConfig unchanged.
-_ENGINE_ONLY_ARGUMENTS = ("tokenizer", "download_dir")
+_ENGINE_ONLY_ARGUMENTS = settings.engine_only_arguments()
 
 
 def plan_from_args(model: str, **engine_kwargs: Any) -> Plan:

@@ -11,8 +11,7 @@ from __future__ import annotations
 import math
 
 from vdeploy.modelinfo import ModelFacts
-from vdeploy.plan import MemoryBudget
-from vdeploy_engine.config import graph_batch_sizes
+from vdeploy_engine.config import MemoryBudget, graph_batch_sizes
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -135,5 +134,5 @@ def memory_budget(*, budget: int, weights: int, activations: int, graphs: int, o
     return MemoryBudget(
         budget_bytes=budget, weights_bytes=weights, activation_bytes=activations, cuda_graph_bytes=graphs,
         overhead_bytes=overhead, kv_cache_bytes=kv_cache, kv_bytes_per_token=kv_per_token, kv_tokens=tokens,
-        max_concurrency=round(tokens / max_model_len, 2),
+        max_model_len=max_model_len,
     )

@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from vdeploy.diagnostics import Diagnostic, error, warning
+from vdeploy_engine.config import DEFAULT_MAX_MODEL_LEN
 from vdeploy_engine.gguf_header import GGUFError, read_gguf_header
 
 CATALOGUE = Path(__file__).resolve().parent / "data" / "models.yaml"
@@ -199,7 +200,7 @@ def _facts_from_config(config: dict[str, Any], source: str, reference: str, *, p
         head_dim = int(get("head_dim", default=hidden // heads))
         intermediate = int(get("intermediate_size", "ffn_dim", "n_inner", default=4 * hidden))
         vocab = int(get("vocab_size"))
-        positions = int(get("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", default=2048))
+        positions = int(get("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", default=DEFAULT_MAX_MODEL_LEN))
     except (TypeError, ValueError, ZeroDivisionError):
         raise ModelError("VD204", f"{where}: malformed config.json: hidden_size, num_attention_heads, "
                          "num_hidden_layers and vocab_size must be numbers") from None
@@ -270,7 +271,7 @@ def gguf_facts(path: Path) -> ModelFacts:
         num_kv_heads=int(key("attention.head_count_kv", heads)),
         head_dim=int(key("attention.key_length", hidden // heads)),
         intermediate_size=int(key("feed_forward_length", 4 * hidden)), vocab_size=vocab,
-        max_positions=int(key("context_length", 2048)), tie_word_embeddings="output.weight" not in names,
+        max_positions=int(key("context_length", DEFAULT_MAX_MODEL_LEN)), tie_word_embeddings="output.weight" not in names,
         pooling=arch in ("bert", "nomic-bert"), needs_remote_code=False, quantization="gguf", checkpoint_dtype=None,
         param_count=sum(t.n_elements for t in header.tensors),
         checkpoint_bytes=sum(t.n_bytes for t in header.tensors),

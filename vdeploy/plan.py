@@ -5,21 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from vdeploy.diagnostics import Diagnostic
-from vdeploy_engine.config import EngineConfig
-
-
-class MemoryBudget(BaseModel):
-    """Per-GPU bytes, as in DESIGN.md: kv_cache = budget - weights - activations - cuda_graphs - overhead."""
-
-    budget_bytes: int
-    weights_bytes: int
-    activation_bytes: int
-    cuda_graph_bytes: int
-    overhead_bytes: int
-    kv_cache_bytes: int
-    kv_bytes_per_token: int
-    kv_tokens: int
-    max_concurrency: float  # how many max_model_len sequences the KV cache holds at once
+from vdeploy_engine.config import EngineConfig, MemoryBudget
 
 
 class Decision(BaseModel):

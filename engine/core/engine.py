@@ -79,13 +79,9 @@ class LLMEngine:
             text, token_ids = prompt, self.tokenizer.encode(prompt)
         else:
             text, token_ids = None, list(prompt)
-        if not token_ids:
-            raise InvalidPromptError("the prompt is empty")
-        if len(token_ids) >= self.config.max_model_len:
-            raise InvalidPromptError(
-                f"the prompt has {len(token_ids)} tokens, but max_model_len is {self.config.max_model_len} "
-                "(the prompt plus at least one generated token must fit)"
-            )
+        problem = self.config.prompt_length_error(len(token_ids))
+        if problem:
+            raise InvalidPromptError(problem)
         vocab = len(self.tokenizer)
         if any(not 0 <= t < vocab for t in token_ids):
             raise InvalidPromptError(f"the prompt holds token ids outside the vocabulary (0..{vocab - 1})")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -84,7 +85,8 @@ def _log_capacity(config: EngineConfig, engine: Any) -> None:
             config.max_model_len,
         )
     if config.predicted_memory:
-        logger.info("plan predicted memory (bytes): %s", json.dumps(config.predicted_memory, sort_keys=True))
+        predicted = dataclasses.asdict(config.predicted_memory)
+        logger.info("plan predicted memory (bytes): %s", json.dumps(predicted, sort_keys=True))
 
 
 def _configure_logging() -> None:

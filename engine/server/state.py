@@ -56,7 +56,7 @@ class ServerState:
 
     @property
     def max_model_len(self) -> int:
-        return getattr(self.engine, "max_model_len", self.config.max_model_len)
+        return self.engine.config.max_model_len
 
     def check_model(self, requested: str | None) -> None:
         if requested is not None and requested != self.model_name:
@@ -66,22 +66,15 @@ class ServerState:
         if self.config.runner != runner:
             raise APIError(400, f"The model does not support {api} API")
 
-    def check_prompt_length(self, prompt_tokens: int, param: str, room_for_output: int = 0) -> None:
-        """400 naming both counts when a prompt (plus `room_for_output` tokens) exceeds max_model_len."""
-        limit = self.max_model_len
-        if prompt_tokens == 0:
-            raise APIError(400, "The prompt is empty.", param)
-        if prompt_tokens + room_for_output > limit:
-            raise APIError(
-                400,
-                f"This model's maximum context length is {limit} tokens, but the prompt has {prompt_tokens} tokens. "
-                "Please reduce the length of the prompt.",
-                param,
-            )
+    def check_prompt_length(self, prompt_tokens: int, param: str) -> None:
+        """400 naming both counts when the prompt does not fit (EngineConfig.prompt_length_error's rule)."""
+        problem = self.engine.config.prompt_length_error(prompt_tokens)  # the engine's: a pooling model may cap it
+        if problem:
+            raise APIError(400, problem[0].upper() + problem[1:] + ".", param)
 
     def resolve_max_tokens(self, prompt_tokens: int, max_tokens: int | None, param: str) -> int:
         """max_tokens checked against the room the prompt leaves (400 naming the counts); None means all of it."""
-        self.check_prompt_length(prompt_tokens, param, room_for_output=1)
+        self.check_prompt_length(prompt_tokens, param)
         room = self.max_model_len - prompt_tokens
         if max_tokens is None:
             return room

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 
 import torch
 
-from vdeploy_engine.config import EngineConfig
+from vdeploy_engine.config import EngineConfig, MemoryBudget
 from vdeploy_engine.core.scheduler import SchedulerOutput
 from vdeploy_engine.core.sequence import Sequence
 from vdeploy_engine.layers.attention import Attention, AttentionMetadata
@@ -107,9 +107,9 @@ class ModelRunner:
         free, total = torch.cuda.mem_get_info()
         m["overhead_bytes"] = (total - free) - torch.cuda.memory_reserved()  # CUDA context, NCCL, ...
         # Graphs are captured after the cache is allocated: reserve the plan's estimate for them.
-        graphs = 0 if cfg.enforce_eager else predicted.get("cuda_graph_bytes", _DEFAULT_GRAPH_BYTES)
+        graphs = 0 if cfg.enforce_eager else predicted.cuda_graph_bytes if predicted else _DEFAULT_GRAPH_BYTES
         available = int(total * cfg.gpu_memory_utilization) - sum(m.values()) - graphs
-        return max(min(available, predicted.get("kv_cache_bytes", available)), 0)
+        return max(min(available, predicted.kv_cache_bytes if predicted else available), 0)
 
     def _allocate(self, num_blocks: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [
@@ -280,9 +280,9 @@ def _sampler_peak(logits: torch.Tensor) -> None:
     sorted_logits.softmax(dim=-1).cumsum(dim=-1)
 
 
-def _log_predicted_vs_measured(predicted: dict[str, int], measured: dict[str, int]) -> None:
+def _log_predicted_vs_measured(predicted: MemoryBudget | None, measured: dict[str, int]) -> None:
     rows = [
-        f"{key.removesuffix('_bytes'):>12} {predicted.get(key, 0) / _MiB:10.1f} {value / _MiB:10.1f}"
+        f"{key.removesuffix('_bytes'):>12} {getattr(predicted, key, 0) / _MiB:10.1f} {value / _MiB:10.1f}"
         for key, value in measured.items()
     ]
     logger.info("GPU memory (MiB)   predicted   measured\n%s", "\n".join(rows))

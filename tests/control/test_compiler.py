@@ -3,6 +3,7 @@ calculations for two models, auto resolution, and plan_from_args (the path `vdep
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -198,10 +199,10 @@ def test_plan_json_round_trips_through_engine_config(cli):
     data = result.json()
     assert set(data["memory"]) == {"budget_bytes", "weights_bytes", "activation_bytes", "cuda_graph_bytes",
                                    "overhead_bytes", "kv_cache_bytes", "kv_bytes_per_token", "kv_tokens",
-                                   "max_concurrency"}
+                                   "max_model_len", "max_concurrency"}
     config = EngineConfig.from_json(result.out)  # the engine reads a whole plan
     assert config.max_model_len == 4096 and config.device == "cpu"
-    assert config.predicted_memory == {k: v for k, v in data["memory"].items() if k != "max_concurrency"}
+    assert dataclasses.asdict(config.predicted_memory) == data["memory"]
     assert all(set(d) == {"field", "value", "reason"} for d in data["decisions"])
     assert data["diagnostics"] == []
 

@@ -6,6 +6,7 @@ With --sweep KEY=VALUES, one compile per value instead: a table of what fits (se
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from dataclasses import dataclass
 
@@ -76,7 +77,7 @@ def plan_json(result: PlannedRecipe) -> dict:
     return {
         "name": plan.name, "profile": plan.profile, "gpu_count": plan.gpu_count, "replicas": plan.replicas,
         "backend": plan.backend, "engine": plan.engine.to_dict(), "env": plan.env,
-        "memory": plan.memory.model_dump() if plan.memory else None,
+        "memory": dataclasses.asdict(plan.memory) if plan.memory else None,
         "decisions": [d.model_dump() for d in plan.decisions], "diagnostics": diagnostics,
         "health": plan.health, "rollout": plan.rollout,
     }
