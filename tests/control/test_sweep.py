@@ -102,7 +102,7 @@ def test_sweep_values():
 def _budget(**bytes_: int) -> MemoryBudget:
     terms = {"weights_bytes": 0, "activation_bytes": 0, "cuda_graph_bytes": 0, "overhead_bytes": 0,
              "kv_cache_bytes": 0}
-    return MemoryBudget(budget_bytes=100, kv_bytes_per_token=1, kv_tokens=0, max_concurrency=0,
+    return MemoryBudget(budget_bytes=100, kv_bytes_per_token=1, kv_tokens=0, max_model_len=1,
                         **{**terms, **bytes_})
 
 
