@@ -262,6 +262,8 @@ class LLMEngine:
         ):
             seq.finish_reason = "length"
         if seq.finish_reason is not None:
+            if not isinstance(seq.stop_reason, str):  # a stop string cut the text; anything else ends it whole
+                seq.text += seq.detokenizer.flush()
             self.scheduler.finish(seq)
 
     @staticmethod
