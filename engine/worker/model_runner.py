@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 import torch
 
-from vdeploy_engine.config import EngineConfig, MemoryBudget
+from vdeploy_engine.config import EngineConfig
 from vdeploy_engine.core.scheduler import SchedulerOutput
 from vdeploy_engine.core.sequence import Sequence
 from vdeploy_engine.layers.attention import Attention, AttentionMetadata
