@@ -27,7 +27,10 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         deployment = Deployment.existing(args.name)
-        return {"status": _status, "history": _history, "undo": _undo}[args.rollout_action](deployment, args)
+        if args.rollout_action == "undo":
+            with deployment.command_lock("rollout undo"):
+                return _undo(deployment, args)
+        return {"status": _status, "history": _history}[args.rollout_action](deployment, args)
     except StateError as e:
         print(f"rollout: {e}", file=sys.stderr)
         return 1
@@ -38,13 +41,20 @@ def _status(deployment, args: argparse.Namespace) -> int:
     if not rollout:
         print(f"{deployment.name}: no rollout yet")
         return 1
+    from vdeploy.commands.status import describe
+
     line = f"{deployment.name}: revision {rollout['revision']} {rollout.get('phase')}"
     if rollout.get("strategy"):
         line += f" ({rollout['strategy']})"
     if rollout.get("reason"):
         line += f": {rollout['reason']}"
+    health = describe(deployment)
+    degraded = rollout.get("phase") == "complete" and health["ready"] < health["desired"]
+    if degraded:  # rolled out once, not serving now: not "complete"
+        line += f", but {health['ready']}/{health['desired']} replicas ready"
+        line += f": {health['last_error']}" if health["last_error"] else ""
     print(line)
-    return {"complete": 0, "failed": 1}.get(rollout.get("phase"), 2)
+    return 1 if degraded else {"complete": 0, "failed": 1}.get(rollout.get("phase"), 2)
 
 
 def _history(deployment, args: argparse.Namespace) -> int:

@@ -31,9 +31,10 @@ def describe(deployment) -> dict[str, Any]:
     if serving is not None:
         desired = int(deployment.plan(serving).get("replicas", 1))
     rollout = status.get("rollout") or {}
-    errors = [r["last_error"] for r in replicas if r.get("last_error")]
+    # The newest error of all is the one shown: an old crash must not hide the failure of today.
+    errors = [(r.get("last_error_at") or 0, r["last_error"]) for r in replicas if r.get("last_error")]
     if rollout.get("phase") == "failed":
-        errors.append(f"revision {rollout['revision']} failed: {rollout.get('reason')}")
+        errors.append((rollout.get("finished_at") or 0, f"revision {rollout['revision']} failed: {rollout.get('reason')}"))
     return {
         "name": deployment.name,
         "running": alive,
@@ -45,7 +46,7 @@ def describe(deployment) -> dict[str, Any]:
         "crash_loop": any(r.get("crash_loop") for r in replicas),
         "memory_bytes": sum(r["rss_bytes"] or 0 for r in replicas),
         "rollout": rollout,
-        "last_error": status.get("error") or (errors[-1] if errors else None),
+        "last_error": status.get("error") or (max(errors)[1] if errors else None),
         "replicas": replicas,
     }
 
