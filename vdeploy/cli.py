@@ -14,13 +14,34 @@ import sys
 
 from vdeploy import __version__
 
-COMMANDS = ["lint", "plan", "explain", "schema", "profiles", "serve", "apply", "status", "logs", "delete", "rollout", "render"]
+COMMANDS = ["lint", "plan", "explain", "schema", "profiles", "serve", "apply", "status", "logs", "delete", "rollout",
+            "render", "completion", "pull"]
+
+EPILOG = """examples:
+  vdeploy lint recipes/                                   check every recipe in a folder (exit 1 on errors)
+  vdeploy plan recipe.yaml --sweep memory.max_model_len=2048..32768   what fits, before anything runs
+  vdeploy apply recipe.yaml                               roll it out; the old revision serves until the new is ready
+  vdeploy rollout status NAME                             wait for the rollout to end (exit 0 done, 1 failed)
+  vdeploy status -o wide --watch
+  source <(vdeploy completion bash)                       tab completion (also zsh, fish)
+
+environment:
+  VDEPLOY_STATE_DIR      the state directory (default: $XDG_STATE_HOME/vdeploy, else ~/.local/state/vdeploy)
+  XDG_STATE_HOME         see VDEPLOY_STATE_DIR
+  VDEPLOY_PROFILE_PATH   extra hardware-profile folders, ':'-separated; they override shipped profiles
+  HF_HOME, HF_HUB_CACHE  the Hugging Face cache model facts are read from (default ~/.cache/huggingface/hub)
+  HF_ENDPOINT, HF_TOKEN  the hub the engine (and `vdeploy pull`) downloads from, and its token
+  VDEPLOY_CACHE_DIR      the engine's cache (converted GGUF tokenizers; default $XDG_CACHE_HOME/vdeploy)
+  VDEPLOY_LOG_LEVEL      the engine's log level (default INFO)
+  NO_COLOR               no colour in diagnostics, even on a terminal
+"""
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser with `command`'s subparser registered, or every command's when None."""
     parser = argparse.ArgumentParser(
-        prog="vdeploy", description="Declarative, OOM-safe deployments of LLM inference servers."
+        prog="vdeploy", description="Declarative, OOM-safe deployments of LLM inference servers.", epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"vdeploy {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

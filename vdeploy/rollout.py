@@ -11,6 +11,7 @@ import logging
 import re
 import signal
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -241,13 +242,17 @@ def pending_changes(plan: dict[str, Any]) -> list[str]:
     return changes(live_plan(Deployment(plan["name"])), plan)
 
 
-def wait_for_rollout(deployment, generation: int, timeout: float) -> dict[str, Any]:
+def wait_for_rollout(
+    deployment, generation: int, timeout: float, on_status: Callable[[dict[str, Any]], None] | None = None
+) -> dict[str, Any]:
     """Wait for the supervisor to finish request `generation`; returns its rollout record (`phase` is complete,
-    failed, superseded or timeout)."""
+    failed, superseded or timeout). `on_status` sees each status read on the way (progress for a person)."""
     deadline = time.monotonic() + timeout
     while True:
         alive = deployment.supervisor_alive()
         status = deployment.status()
+        if on_status is not None:
+            on_status(status)
         rollout = dict(status.get("rollout") or {})
         if (rollout.get("generation") or 0) > generation:
             return {**rollout, "phase": "superseded", "reason": "a newer apply replaced this request"}

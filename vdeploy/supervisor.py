@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import copy
 import ctypes
+import json
 import logging
 import os
 import signal
@@ -46,6 +47,9 @@ STOP_GRACE_S = 10.0  # SIGTERM, then SIGKILL after this long
 DRAIN_TIMEOUT_S = 60.0
 
 _PR_SET_PDEATHSIG = 1
+# How an engine reports its start-up phases in its log: vdeploy_engine.progress writes one line per event, this mark
+# then JSON (the two sides share no import; a test holds them equal).
+PHASE_MARK = "vdeploy-phase "
 
 
 def _die_with_parent() -> None:
@@ -146,6 +150,7 @@ class Replica:
     health_failures: int = 0
     last_error: str | None = None
     log_offset: int = 0
+    phase: dict[str, Any] | None = None  # the engine's latest start-up event (pulling, loading, warming, serving)
     backend: Backend = field(init=False)
 
     def __post_init__(self) -> None:
@@ -176,6 +181,7 @@ class Replica:
                 close_fds=True,
             )
         self.state = "starting"
+        self.phase = None
         self.started_at = time.monotonic()
         self.next_health_at = 0.0
         self.health_failures = 0
@@ -188,6 +194,19 @@ class Replica:
                 return f.read().decode(errors="replace")
         except FileNotFoundError:
             return ""
+
+    def read_phase(self) -> bool:
+        """Take the engine's latest start-up event from this attempt's log; True when it changed."""
+        tail = self.log_tail(limit=8192)
+        at = tail.rfind(PHASE_MARK)
+        if at < 0 or (at > 0 and tail[at - 1] != "\n"):
+            return False
+        try:
+            phase = json.loads(tail[at + len(PHASE_MARK):].split("\n", 1)[0])
+        except ValueError:  # the line is still being written
+            return False
+        changed, self.phase = phase != self.phase, phase
+        return changed
 
     def failure_reason(self) -> str:
         return root_cause(self.log_tail(), self.process.returncode if self.process else None)
@@ -212,6 +231,7 @@ class Replica:
             "crash_loop": self.crash_loop,
             "backoff_s": self.backoff_s,
             "last_error": self.last_error,
+            "phase": self.phase,
             "log": str(self.log_path),
         }
 
@@ -329,6 +349,12 @@ class Supervisor:
         self._watch_desired()
         self._watch_exits()
         await self._check_health()
+        self._watch_phases()
+
+    def _watch_phases(self) -> None:
+        """Starting replicas' progress into the status file, where `apply` shows it."""
+        if any([r.read_phase() for r in self.replicas if r.state == "starting"]):
+            self.write_status()
 
     def _watch_desired(self) -> None:
         if self._rollout_task and not self._rollout_task.done():

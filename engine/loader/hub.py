@@ -3,10 +3,12 @@ that HF_HOME / HF_HUB_CACHE / `download_dir` name, from HF_ENDPOINT), or `models
 
 from __future__ import annotations
 
+import fnmatch
 import importlib.util
 import os
 from pathlib import Path
 
+from vdeploy_engine import progress
 from vdeploy_engine.loader.errors import ModelLoadError
 
 MODELSCOPE_PREFIX = "modelscope:"
@@ -52,7 +54,10 @@ def _hf_cache_dir(download_dir: str | None) -> str | None:
 
 def _from_hf_hub(model_id: str, revision: str | None, download_dir: str | None) -> Path:
     from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.utils import disable_progress_bars
 
+    if progress.reporting_events():
+        disable_progress_bars()  # `pulling` events say it; bars would only fill the replica's log
     endpoint = os.environ.get("HF_ENDPOINT") or None
     cache_dir = _hf_cache_dir(download_dir)
 
@@ -65,22 +70,38 @@ def _from_hf_hub(model_id: str, revision: str | None, download_dir: str | None) 
         except Exception as exc:
             raise _hub_error(model_id, "the local cache (HF_HUB_OFFLINE is set)", exc) from None
     try:
-        files = HfApi(endpoint=endpoint).list_repo_files(model_id, revision=revision)
-        weights = ["*.safetensors"] if any(f.endswith(".safetensors") for f in files) else ["*.bin"]
-        return Path(
-            snapshot_download(
-                model_id,
-                revision=revision,
-                cache_dir=cache_dir,
-                endpoint=endpoint,
-                allow_patterns=_METADATA_PATTERNS + weights,
+        sizes = {f.path: f.size for f in HfApi(endpoint=endpoint).list_repo_tree(model_id, revision=revision,
+                                                                                 recursive=True) if hasattr(f, "size")}
+        weights = ["*.safetensors"] if any(f.endswith(".safetensors") for f in sizes) else ["*.bin"]
+        patterns = _METADATA_PATTERNS + weights
+        total = sum(size for name, size in sizes.items() if any(fnmatch.fnmatch(name, p) for p in patterns))
+        blobs = _repo_cache(model_id, cache_dir) / "blobs"
+        with progress.watch("pulling", total, "B", f"Pulling {model_id}", lambda: min(_bytes_under(blobs), total)):
+            return Path(
+                snapshot_download(
+                    model_id, revision=revision, cache_dir=cache_dir, endpoint=endpoint, allow_patterns=patterns
+                )
             )
-        )
     except Exception as exc:  # network, auth, missing repo: a copy already in the cache still serves
         try:
             return Path(from_cache())
         except Exception:
             raise _hub_error(model_id, endpoint or "the Hugging Face hub", exc) from None
+
+
+def _repo_cache(model_id: str, cache_dir: str | None) -> Path:
+    """The folder huggingface_hub keeps `model_id` in (its blobs hold the bytes, partial downloads included)."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    return Path(cache_dir or constants.HF_HUB_CACHE) / repo_folder_name(repo_id=model_id, repo_type="model")
+
+
+def _bytes_under(folder: Path) -> int:
+    try:
+        return sum(f.stat().st_size for f in folder.iterdir())
+    except OSError:  # not created yet, or a file renamed while we looked
+        return 0
 
 
 def _hub_error(model_id: str, where: str, exc: Exception) -> ModelLoadError:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vdeploy_engine import progress
 from vdeploy_engine.config import EngineConfig
 from vdeploy_engine.layers.linear import WeightShapeError, default_weight_loader
 from vdeploy_engine.loader.errors import ModelLoadError
@@ -69,7 +70,10 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], 
     checks that every parameter (every shard of a fused one) was filled."""
     params = dict(model.named_parameters())  # tied weights appear once, under the embedding's name
     arch = type(model).__name__
+    expected = [(name, shard) for name, param in params.items()
+                for shard in (getattr(param, "shard_names", None) or (None,))]
     filled: set[tuple[str, str | None]] = set()
+    loading = progress.Progress("loading", len(expected), "weights", "Loading weights")
     with torch.no_grad():
         for name, tensor in weights:
             target = model.map_checkpoint_name(name)
@@ -89,12 +93,9 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], 
                     f"{source}: tensor {name!r}: {exc} (does config.json match the weights?)"
                 ) from None
             filled.add((param_name, shard))
-    missing = [
-        f"{name}[{shard}]" if shard else name
-        for name, param in params.items()
-        for shard in (getattr(param, "shard_names", None) or (None,))
-        if (name, shard) not in filled
-    ]
+            loading.update_to(len(filled))
+    loading.close()
+    missing = [f"{name}[{shard}]" if shard else name for name, shard in expected if (name, shard) not in filled]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ModelLoadError(f"{source}: checkpoint lacks weights for {arch}: {shown}")

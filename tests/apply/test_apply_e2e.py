@@ -119,6 +119,10 @@ def test_apply_serves_through_the_router(world: World) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"{NAME}: rolled out (revision 1) at http://127.0.0.1:{world.port}" in result.stdout
     print(f"apply-to-ready: {time.monotonic() - started:.1f}s")
+    # Piped, apply says what the replica is doing, from the engine's own start-up events.
+    progress = [line for line in result.stderr.splitlines() if line.startswith(f"{NAME} revision 1 replica 0: ")]
+    assert any(" loading " in line and " weights (" in line for line in progress), result.stderr
+    assert progress[-1].endswith(": ready") and any(line.endswith(": warming") for line in progress), result.stderr
     with httpx.Client() as client:
         reply = world.complete(client)
         assert reply.status_code == 200, reply.text
@@ -163,13 +167,17 @@ def test_rollout_under_load_fails_no_request(world: World) -> None:
     loop = threading.Thread(target=client_loop)
     loop.start()
     try:
-        result = world.vdeploy("apply", str(world.recipe(memory__max_num_seqs=2)), "--timeout", WAIT)
+        result = world.vdeploy("apply", str(world.recipe(memory__max_num_seqs=2)), "--timeout", WAIT, "-o", "json")
         time.sleep(1.0)  # a few requests against the new revision
     finally:
         stop.set()
         loop.join()
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "rolled out (revision 2)" in result.stdout
+    assert [(r["action"], r["revision"]) for r in json.loads(result.stdout)] == [("rolled out", 2)]
+    # With -o json, the replica's phases are JSON events on stderr.
+    events = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    phases = [e["phase"] for e in events if (e["event"], e["name"], e["revision"]) == ("replica", NAME, 2)]
+    assert "loading" in phases and phases.index("loading") < phases.index("warming") and phases[-1] == "ready"
     failed = [o for o in outcomes if o[0] != 200]
     assert not failed, f"{len(failed)} of {len(outcomes)} requests failed during the rollout: {failed[:3]}"
     revisions = [o[1] for o in outcomes]
@@ -217,10 +225,12 @@ def test_killed_replica_is_restarted(world: World) -> None:
 def test_rollout_undo_and_history(world: World) -> None:
     history = world.vdeploy("rollout", "history", NAME)
     assert history.returncode == 0 and "(serving)" in history.stdout
-    result = world.vdeploy("rollout", "undo", NAME, "--to-revision", "1", "--timeout", WAIT)
+    assert world.vdeploy("rollout", "undo", NAME, "--to-revision", "1", "--no-wait").returncode == 0
+    # As `kubectl rollout status`: it waits for the rollout to end, saying how far it got, and exits 0.
+    result = world.vdeploy("rollout", "status", NAME, "--timeout", WAIT)
     assert result.returncode == 0, result.stderr
+    assert f"{NAME}: revision 1 complete" in result.stdout
     assert world.status()["revision"] == 1
-    assert world.vdeploy("rollout", "status", NAME).returncode == 0
     logs = world.vdeploy("logs", NAME, "--tail", "50")
     assert logs.returncode == 0 and "start revision 1 replica 0" in logs.stdout
 

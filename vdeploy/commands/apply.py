@@ -9,15 +9,15 @@ with the root cause when the new revision could not start (the old one keeps ser
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import time
 from typing import Any
 
+from vdeploy.commands.output import add_output_argument
 from vdeploy.diagnostics import Diagnostic, format_text, has_errors
 
-FAILED = ("failed", "timeout", "not ready")
+FAILED = ("failed", "timeout")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -43,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="run the supervisor in this process (for systemd or a container); one recipe only",
     )
-    parser.add_argument("--format", choices=("text", "json"), default="text")
+    add_output_argument(parser, ("text", "json"))
     parser.set_defaults(func=run)
 
 
@@ -77,32 +77,20 @@ def checked_plans(path: str) -> list[dict[str, Any]] | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from vdeploy.rollout import changes, live_plan, readiness_timeout, wait_for_rollout
+    from vdeploy.state import Deployment, StateError
+
     plans = checked_plans(args.path)
     if plans is None:
         print("apply: nothing changed (fix the errors above)", file=sys.stderr)
         return 1
-    # Each deployment's command lock is held until its rollout is done (or not waited for), so a second apply of it
-    # waits and then compares against what this one rolled out.
-    with contextlib.ExitStack() as locks:
-        results, foreground = _apply(args, plans, locks)
-    if foreground is not None:
-        from vdeploy.supervisor import run_foreground
-
-        return run_foreground(foreground)
-    return 1 if any(r["action"] in FAILED for r in results) else 0
-
-
-def _apply(args: argparse.Namespace, plans: list[dict[str, Any]], locks: contextlib.ExitStack):
-    from vdeploy.rollout import changes, live_plan, readiness_timeout, wait_for_rollout
-    from vdeploy.state import Deployment, StateError
-
     if args.foreground:
         if len(plans) != 1:
             print(f"apply: --foreground runs one deployment; {args.path} holds {len(plans)}", file=sys.stderr)
-            return [{"action": "failed"}], None
+            return 1
         if Deployment(plans[0]["name"]).supervisor_alive():
             print(f"apply: {plans[0]['name']} already has a supervisor; `vdeploy delete` it first", file=sys.stderr)
-            return [{"action": "failed"}], None
+            return 1
 
     results: list[dict[str, Any]] = []
     pending: list[tuple[dict[str, Any], Deployment, int]] = []
@@ -110,20 +98,16 @@ def _apply(args: argparse.Namespace, plans: list[dict[str, Any]], locks: context
         try:
             deployment = Deployment(plan["name"])
             result = {"name": plan["name"], "url": f"http://{plan['engine']['host']}:{plan['engine']['port']}"}
-            diff = changes(live_plan(deployment), plan)
-            if diff and not args.dry_run and not (unavailable := _backend_problem(plan)):
-                # A change to make: from here on, under the deployment's lock (compared again: another command may
-                # have changed the deployment while this one waited for the lock).
-                locks.enter_context(deployment.command_lock("apply", on_wait=_say_waiting(deployment)))
-                diff = changes(live_plan(deployment), plan)
+            live = live_plan(deployment)
+            diff = changes(live, plan)
             result["changes"] = diff
             if not diff:
-                result |= {"action": "unchanged", "revision": deployment.status().get("revision")}
-                results.append(result | _readiness_problem(deployment))
+                results.append({**result, "action": "unchanged", "revision": deployment.status().get("revision")})
                 continue
             if args.dry_run:
                 results.append({**result, "action": "would roll out"})
                 continue
+            unavailable = _backend_problem(plan) or _pull_problem(plan, args.output)
             if unavailable:
                 results.append({**result, "action": "failed", "reason": unavailable})
                 continue
@@ -140,41 +124,34 @@ def _apply(args: argparse.Namespace, plans: list[dict[str, Any]], locks: context
             results.append({"name": plan["name"], "action": "failed", "reason": str(e)})
 
     if args.foreground:
-        _report(results, args.format)
-        return results, None if results[0]["action"] in FAILED else Deployment(plans[0]["name"])
+        _report(results, args.output)
+        if results[0]["action"] in FAILED:
+            return 1
+        from vdeploy.supervisor import run_foreground
 
-    if args.wait:
+        return run_foreground(Deployment(plans[0]["name"]))
+
+    if args.wait and pending:
+        from vdeploy.commands.progress import RolloutProgress
+
         started = time.monotonic()
+        progress = RolloutProgress(args.output)
         for result, deployment, generation in pending:
             plan = deployment.plan(result["revision"])
             timeout = args.timeout if args.timeout is not None else readiness_timeout(plan) + 60
-            rollout = wait_for_rollout(deployment, generation, max(0.0, timeout - (time.monotonic() - started)))
+            rollout = wait_for_rollout(
+                deployment, generation, max(0.0, timeout - (time.monotonic() - started)),
+                on_status=lambda status, d=deployment, r=result["revision"]: progress.update(d.name, status, r),
+            )
             result["action"] = {"complete": "rolled out"}.get(rollout["phase"], rollout["phase"])
             result["seconds"] = round(time.monotonic() - started, 2)
             if rollout.get("reason"):
                 result["reason"] = rollout["reason"]
             if rollout["phase"] != "complete":
                 result["serving_revision"] = deployment.status().get("revision")
-    _report(results, args.format)
-    return results, None
-
-
-def _readiness_problem(deployment) -> dict[str, Any]:
-    """For a deployment that needs no rollout: "not ready" and why, when fewer replicas are ready than desired."""
-    from vdeploy.commands.status import describe
-
-    health = describe(deployment)
-    if health["ready"] >= health["desired"]:
-        return {}
-    reason = f"{health['ready']}/{health['desired']} replicas ready"
-    return {"action": "not ready", "reason": reason + (f": {health['last_error']}" if health["last_error"] else "")}
-
-
-def _say_waiting(deployment):
-    def say(holder: str) -> None:
-        print(f"apply: {deployment.name} is being changed by {holder}; waiting for it to finish", file=sys.stderr)
-
-    return say
+        progress.close()
+    _report(results, args.output)
+    return 1 if any(r["action"] in FAILED for r in results) else 0
 
 
 def _serving(deployment) -> int | None:
@@ -188,6 +165,27 @@ def _backend_problem(plan: dict[str, Any]) -> str | None:
         replica_command(plan, "plan.json", 0)
     except BackendUnavailable as e:
         return str(e)
+    return None
+
+
+def _pull_problem(plan: dict[str, Any], output: str) -> str | None:
+    """Fetch the model first (`vdeploy pull`), so a replica's health-checked start does not download it."""
+    from vdeploy.commands.progress import PhaseView
+    from vdeploy.commands.pull import pull_checked
+    from vdeploy.modelinfo import resolve_model
+    from vdeploy.pull import PullError, needs_pull
+
+    engine = plan["engine"]
+    if plan.get("backend") != "builtin" or not needs_pull(engine["model"]):
+        return None
+    view = PhaseView(output)
+    try:
+        planned = resolve_model(engine["model"], engine.get("revision"))[0]
+        pull_checked(engine["model"], engine.get("revision"), planned, view, engine.get("download_dir"))
+    except PullError as e:
+        return str(e)
+    finally:
+        view.close()
     return None
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 
@@ -58,12 +59,11 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         deployment = Deployment.existing(args.name)
-        with deployment.command_lock("delete"):
-            stop(deployment)
-            if not args.keep_state:
-                deployment.remove()
+        stop(deployment)
     except StateError as e:
         print(f"delete: {e}", file=sys.stderr)
         return 1
+    if not args.keep_state:
+        shutil.rmtree(deployment.dir)
     print(f"{args.name}: deleted")
     return 0

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from vdeploy.commands.output import add_output_argument, emit
 from vdeploy.diagnostics import Diagnostic, format_diagnostics, has_errors, use_color
 from vdeploy.plan import MemoryBudget, Plan
-from vdeploy.recipe import load_recipes
+from vdeploy.recipe import SourceMap, load_recipes
 
 GiB = 1 << 30
 
@@ -32,6 +32,7 @@ class PlannedRecipe:
     name: str | None
     plan: Plan | None
     diagnostics: list[Diagnostic]
+    source: SourceMap | None = None  # where each key of the recipe was written
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -62,10 +63,10 @@ def plan_file(path: str, name: str | None = None) -> list[PlannedRecipe]:
         if name is not None and (recipe is None or recipe.deployment_name != name):
             continue
         if recipe is None:
-            results.append(PlannedRecipe(None, None, document.diagnostics))
+            results.append(PlannedRecipe(None, None, document.diagnostics, document.source))
             continue
         plan, diagnostics = plan_recipe(recipe, document.source)
-        results.append(PlannedRecipe(recipe.deployment_name, plan, document.diagnostics + diagnostics))
+        results.append(PlannedRecipe(recipe.deployment_name, plan, document.diagnostics + diagnostics, document.source))
     return results
 
 

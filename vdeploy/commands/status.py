@@ -5,13 +5,29 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from typing import Any
+
+import yaml
+
+from vdeploy.commands.output import add_output_argument
+
+EXAMPLES = """examples:
+  vdeploy status                       every deployment, one line each
+  vdeploy status quickstart-smollm2-cpu -o wide
+  vdeploy status --watch               print again whenever something changes (Ctrl-C stops)
+  vdeploy status NAME -o json | jq .ready
+"""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("status", help="show deployments and their replicas", description=__doc__)
+    parser = subparsers.add_parser("status", help="show deployments and their replicas", description=__doc__,
+                                   epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", nargs="?", help="one deployment (default: all)")
-    parser.add_argument("--format", choices=("text", "json"), default="text")
+    add_output_argument(parser)
+    parser.add_argument("-w", "--watch", action="store_true",
+                        help="keep watching: print the status again each time it changes (Ctrl-C stops)")
+    parser.add_argument("--interval", type=float, default=1.0, help="seconds between looks with --watch (default 1)")
     parser.set_defaults(func=run)
 
 
@@ -27,16 +43,15 @@ def describe(deployment) -> dict[str, Any]:
         replica["rss_bytes"] = _tree_rss(psutil, replica.get("pid"))
         replicas.append(replica)
     serving = status.get("revision")
-    desired = 0
-    if serving is not None:
-        desired = int(deployment.plan(serving).get("replicas", 1))
+    plan = deployment.plan(serving) if serving is not None else {}
+    desired = int(plan.get("replicas", 1)) if plan else 0
     rollout = status.get("rollout") or {}
-    # The newest error of all is the one shown: an old crash must not hide the failure of today.
-    errors = [(r.get("last_error_at") or 0, r["last_error"]) for r in replicas if r.get("last_error")]
+    errors = [r["last_error"] for r in replicas if r.get("last_error")]
     if rollout.get("phase") == "failed":
-        errors.append((rollout.get("finished_at") or 0, f"revision {rollout['revision']} failed: {rollout.get('reason')}"))
+        errors.append(f"revision {rollout['revision']} failed: {rollout.get('reason')}")
     return {
         "name": deployment.name,
+        "model": plan["engine"]["model"] if plan and alive else None,
         "running": alive,
         "url": status.get("url") if alive else None,
         "revision": serving if alive else None,
@@ -46,7 +61,7 @@ def describe(deployment) -> dict[str, Any]:
         "crash_loop": any(r.get("crash_loop") for r in replicas),
         "memory_bytes": sum(r["rss_bytes"] or 0 for r in replicas),
         "rollout": rollout,
-        "last_error": status.get("error") or (max(errors)[1] if errors else None),
+        "last_error": status.get("error") or (errors[-1] if errors else None),
         "replicas": replicas,
     }
 
@@ -62,48 +77,85 @@ def _tree_rss(psutil, pid: int | None) -> int | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vdeploy.state import Deployment, StateError, list_deployments
+    from vdeploy.state import StateError
 
     try:
-        if args.name:
-            deployment = Deployment.existing(args.name)
-            deployments = [deployment]
-        else:
-            deployments = list_deployments()
-        rows = [describe(d) for d in deployments]
+        if not args.watch:
+            print(render(collect(args.name), args.name, args.output))
+            return 0
+        _watch(args)
     except StateError as e:
         print(f"status: {e}", file=sys.stderr)
         return 1
-    if args.format == "json":
-        print(json.dumps(rows if not args.name else rows[0], indent=2))
-        return 0
+    return 0
+
+
+def collect(name: str | None) -> list[dict[str, Any]]:
+    from vdeploy.state import Deployment, list_deployments
+
+    return [describe(d) for d in ([Deployment.existing(name)] if name else list_deployments())]
+
+
+def _watch(args: argparse.Namespace) -> None:
+    """Print the status each time it changes, as `kubectl get -w` does; on a terminal, redraw it in place instead."""
+    redraw = sys.stdout.isatty() and args.output in ("text", "wide")
+    shown = None
+    try:
+        while True:
+            text = render(collect(args.name), args.name, args.output)
+            if text != shown:
+                if redraw:
+                    sys.stdout.write("\x1b[H\x1b[2J")  # cursor home, clear screen
+                # Piped JSON is a stream of one-line documents, one per change.
+                print(json.dumps(json.loads(text)) if args.output == "json" else text, flush=True)
+                shown = text
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        pass
+
+
+def render(rows: list[dict[str, Any]], name: str | None, output: str) -> str:
+    """What `status` prints: JSON/YAML (one object for NAME, else a list), or the table."""
+    if output in ("json", "yaml"):
+        data = rows[0] if name else rows
+        return json.dumps(data, indent=2) if output == "json" else yaml.safe_dump(data, sort_keys=False).rstrip()
     if not rows:
-        print("no deployments")
-        return 0
-    width = max(len("NAME"), *(len(row["name"]) for row in rows))
-    print(f"{'NAME':{width}} {'REVISION':>8} {'READY':>6} {'RESTARTS':>8} {'MEMORY':>9}  {'URL':26} LAST ERROR")
+        return "no deployments"
+    wide = output == "wide"
+    header = ["NAME", "REVISION", "READY", "RESTARTS", "MEMORY", "URL"] + (["ROLLOUT", "MODEL"] if wide else [])
+    table = [header + ["LAST ERROR"]]
     for row in rows:
-        revision = "-" if row["revision"] is None else str(row["revision"])
         restarts = f"{row['restarts']}{' (crash loop)' if row['crash_loop'] else ''}"
         memory = f"{row['memory_bytes'] / 2**20:.0f}MiB" if row["memory_bytes"] else "-"
-        url = row["url"] or "(stopped)"
-        print(
-            f"{row['name']:{width}} {revision:>8} {row['ready']:>3}/{row['desired']:<2} {restarts:>8} {memory:>9}  "
-            f"{url:26} {row['last_error'] or ''}"
-        )
-    if args.name:
+        line = [row["name"], "-" if row["revision"] is None else str(row["revision"]),
+                f"{row['ready']}/{row['desired']}", restarts, memory, row["url"] or "(stopped)"]
+        if wide:
+            line += [_rollout_text(row["rollout"]) or "-", row.get("model") or "-"]
+        table.append(line + [row["last_error"] or ""])
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    right = {"REVISION", "READY", "RESTARTS", "MEMORY"}
+    lines = ["  ".join(cell.rjust(w) if head in right else cell.ljust(w)
+                       for head, cell, w in zip(header, line, widths, strict=False)) + "  " + line[-1]
+             for line in table]
+    lines = [line.rstrip() for line in lines]
+    if name:
         row = rows[0]
-        rollout = row["rollout"]
-        if rollout:
-            line = f"rollout: revision {rollout.get('revision')} {rollout.get('phase')}"
-            if rollout.get("strategy"):
-                line += f" ({rollout['strategy']})"
-            print(line + (f": {rollout['reason']}" if rollout.get("reason") else ""))
+        if row["rollout"]:
+            lines.append("rollout: " + _rollout_text(row["rollout"], reason=True))
         for r in row["replicas"]:
             gpus = ",".join(map(str, r["gpus"])) if r.get("gpus") else "cpu"
-            print(
+            lines.append(
                 f"  replica {r['index']} rev {r['revision']}: {r['state']} pid {r['pid']} port {r['port']} "
                 f"gpus {gpus} restarts {r['restarts']}{' crash loop' if r.get('crash_loop') else ''}"
                 + (f" - {r['last_error']}" if r.get("last_error") else "")
             )
-    return 0
+    return "\n".join(lines)
+
+
+def _rollout_text(rollout: dict[str, Any], reason: bool = False) -> str:
+    if not rollout:
+        return ""
+    text = f"revision {rollout.get('revision')} {rollout.get('phase')}"
+    if rollout.get("strategy"):
+        text += f" ({rollout['strategy']})"
+    return text + (f": {rollout['reason']}" if reason and rollout.get("reason") else "")
