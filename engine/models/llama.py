@@ -71,11 +71,14 @@ class LlamaAttention(nn.Module):
         self.attn = Attention(self.num_heads, self.num_kv_heads, head_dim, head_dim**-0.5, sliding_window)
         self.splits = list(self.qkv_proj.shards_local.values())
 
+    def heads(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [T, H*D], k [T, Hkv*D] as projected -> [T, H, D], [T, Hkv, D] before rotary (Qwen3 and Gemma 3 normalise
+        each head here)."""
+        return q.view(-1, self.num_heads, self.head_dim), k.view(-1, self.num_kv_heads, self.head_dim)
+
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj(hidden).split(self.splits, dim=-1)
-        q, k = self.rotary(
-            positions, q.view(-1, self.num_heads, self.head_dim), k.view(-1, self.num_kv_heads, self.head_dim)
-        )
+        q, k = self.rotary(positions, *self.heads(q, k))
         return self.o_proj(self.attn(q.flatten(1), k.flatten(1), v, meta))
 
     def forward_fused(
@@ -88,9 +91,8 @@ class LlamaAttention(nn.Module):
             hidden, self.qkv_proj.weight, self.qkv_proj.bias, norm_weight=norm.weight, eps=norm.eps
         )
         q, k, v = qkv.split(self.splits, dim=-1)
-        kv_shape = (-1, self.num_kv_heads, self.head_dim)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        attn = self.attn.attend_unrotated(q, k.view(kv_shape), v.view(kv_shape), positions, self.rotary, meta)
+        q, k = self.heads(q, k)
+        attn = self.attn.attend_unrotated(q, k, v.view(k.shape), positions, self.rotary, meta)
         return self.o_proj.fused_with_residual(attn, hidden)
 
 
@@ -115,12 +117,15 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
+    attention_cls = LlamaAttention  # subclasses swap in their own (Qwen3: q/k norms)
+
     def __init__(
-        self, hf_config: Any, rotary: RotaryEmbedding, sliding_window: int | None, qkv_bias: bool, tp: TPGroup
+        self, hf_config: Any, rotary: RotaryEmbedding, sliding_window: int | None, qkv_bias: bool, tp: TPGroup,
+        index: int = 0,
     ):
         super().__init__()
-        self.self_attn = LlamaAttention(hf_config, rotary, sliding_window, qkv_bias, tp)
-        self.mlp = LlamaMLP(hf_config, tp)
+        self.self_attn = self.attention_cls(hf_config, rotary, sliding_window, qkv_bias, tp)
+        self.mlp = self.make_mlp(hf_config, tp, index)
         self.input_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
 
@@ -135,6 +140,10 @@ class LlamaDecoderLayer(nn.Module):
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
+    def make_mlp(self, hf_config: Any, tp: TPGroup, index: int) -> nn.Module:
+        """The MLP of layer `index` (mixture-of-experts models pick experts or a dense MLP by layer)."""
+        return LlamaMLP(hf_config, tp)
+
     def forward_fused(self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """The same layer for a few tokens, as four launches and the attention's over the residual stream (see
         LlamaModel.forward)."""
@@ -143,13 +152,16 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
+    layer_cls = LlamaDecoderLayer
+
     def __init__(self, hf_config: Any, qkv_bias: bool, tp: TPGroup):
         super().__init__()
         self.embed_tokens = VocabEmbedding(hf_config.vocab_size, hf_config.hidden_size, tp)
         # One cos/sin cache, shared by every layer.
         rotary = RotaryEmbedding(head_dim_of(hf_config), hf_config.max_position_embeddings, rope_parameters(hf_config))
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(hf_config, rotary, window, qkv_bias, tp) for window in sliding_windows(hf_config)
+            self.layer_cls(hf_config, rotary, window, qkv_bias, tp, index)
+            for index, window in enumerate(sliding_windows(hf_config))
         )
         self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
 
@@ -173,7 +185,7 @@ class LlamaModel(nn.Module):
             hidden.is_cuda
             and len(hidden) <= FUSED_MAX_TOKENS
             and first.self_attn.attn.k_cache is not None
-            and isinstance(first.mlp.down_proj.quant_method, UnquantizedMethod)
+            and isinstance(first.self_attn.qkv_proj.quant_method, UnquantizedMethod)
         )
 
 
@@ -181,11 +193,12 @@ class LlamaForCausalLM(nn.Module):
     """Llama, Mistral and SmolLM2 checkpoints."""
 
     qkv_bias = False
+    model_cls = LlamaModel
 
     def __init__(self, hf_config: Any, tp: TPGroup = SINGLE):
         super().__init__()
         self.config = hf_config
-        self.model = LlamaModel(hf_config, self.qkv_bias, tp)
+        self.model = self.model_cls(hf_config, self.qkv_bias, tp)
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         tied = self.model.embed_tokens if self.tie_word_embeddings else None
         self.lm_head = LMHead(hf_config.vocab_size, hf_config.hidden_size, tied, tp)

@@ -14,6 +14,8 @@ ARCHITECTURES: dict[str, str] = {
     "LlamaForCausalLM": _LLAMA,
     "MistralForCausalLM": _LLAMA,
     "Qwen2ForCausalLM": "vdeploy_engine.models.llama:Qwen2ForCausalLM",
+    "Qwen3ForCausalLM": "vdeploy_engine.models.qwen3:Qwen3ForCausalLM",
+    "Gemma3ForCausalLM": "vdeploy_engine.models.gemma3:Gemma3ForCausalLM",
     "OPTForCausalLM": "vdeploy_engine.models.opt:OPTForCausalLM",
     # Encoders for the pooling runner.
     "BertModel": _BERT,
@@ -26,6 +28,8 @@ _BY_MODEL_TYPE = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
     "opt": "OPTForCausalLM",
     "bert": "BertModel",
 }

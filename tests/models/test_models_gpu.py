@@ -7,7 +7,9 @@ import pytest
 from tests.models.harness import PagedRun, forward_no_cache, load_engine_model, reference_logits
 
 pytestmark = pytest.mark.gpu
-FIXTURES = ["tiny_llama_dir", "tiny_qwen2_dir", "tiny_mistral_dir", "tiny_opt_dir"]
+FIXTURES = [
+    "tiny_llama_dir", "tiny_qwen2_dir", "tiny_qwen3_dir", "tiny_mistral_dir", "tiny_gemma3_dir", "tiny_opt_dir"
+]
 
 
 @pytest.mark.parametrize("fixture", FIXTURES)
