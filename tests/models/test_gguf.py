@@ -101,7 +101,7 @@ def test_gguf_of_an_unsupported_architecture_names_it(tmp_path):
     writer.write_tensors_to_file()
     writer.close()
     with pytest.raises(
-        ModelLoadError, match=r"falcon.gguf: GGUF architecture 'falcon' is not supported \(supported: llama"
+        ModelLoadError, match=r"falcon.gguf: GGUF architecture 'falcon' is not supported \(supported: gemma3, llama"
     ):
         load_hf_config(EngineConfig(model=str(tmp_path / "falcon.gguf")))
 
