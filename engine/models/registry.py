@@ -16,6 +16,8 @@ ARCHITECTURES: dict[str, str] = {
     "Qwen2ForCausalLM": "vdeploy_engine.models.llama:Qwen2ForCausalLM",
     "Qwen3ForCausalLM": "vdeploy_engine.models.qwen3:Qwen3ForCausalLM",
     "Gemma3ForCausalLM": "vdeploy_engine.models.gemma3:Gemma3ForCausalLM",
+    "Qwen3MoeForCausalLM": "vdeploy_engine.models.moe:Qwen3MoeForCausalLM",
+    "MixtralForCausalLM": "vdeploy_engine.models.moe:MixtralForCausalLM",
     "OPTForCausalLM": "vdeploy_engine.models.opt:OPTForCausalLM",
     # Encoders for the pooling runner.
     "BertModel": _BERT,
@@ -30,6 +32,8 @@ _BY_MODEL_TYPE = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "mixtral": "MixtralForCausalLM",
     "opt": "OPTForCausalLM",
     "bert": "BertModel",
 }

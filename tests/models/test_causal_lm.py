@@ -9,7 +9,8 @@ import torch
 from tests.models.harness import PagedRun, forward_no_cache, load_engine_model, reference_logits
 
 FIXTURES = [
-    "tiny_llama_dir", "tiny_qwen2_dir", "tiny_qwen3_dir", "tiny_mistral_dir", "tiny_gemma3_dir", "tiny_opt_dir"
+    "tiny_llama_dir", "tiny_qwen2_dir", "tiny_qwen3_dir", "tiny_mistral_dir", "tiny_gemma3_dir", "tiny_opt_dir",
+    "tiny_qwen3_moe_dir", "tiny_mixtral_dir",
 ]
 ATOL = 1e-4  # float32; logits are O(5)
 

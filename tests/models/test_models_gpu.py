@@ -8,7 +8,8 @@ from tests.models.harness import PagedRun, forward_no_cache, load_engine_model, 
 
 pytestmark = pytest.mark.gpu
 FIXTURES = [
-    "tiny_llama_dir", "tiny_qwen2_dir", "tiny_qwen3_dir", "tiny_mistral_dir", "tiny_gemma3_dir", "tiny_opt_dir"
+    "tiny_llama_dir", "tiny_qwen2_dir", "tiny_qwen3_dir", "tiny_mistral_dir", "tiny_gemma3_dir", "tiny_opt_dir",
+    "tiny_qwen3_moe_dir", "tiny_mixtral_dir",
 ]
 
 
