@@ -61,7 +61,9 @@ def _quantized(facts: ModelFacts, bytes_per_weight: float) -> int:
 
 def kv_bytes_per_token(facts: ModelFacts, kv_dtype_bytes: int, tp: int, pp: int) -> int:
     """2 (K and V) x layers on this rank x KV heads on this rank x head_dim x bytes. With more TP ranks than KV
-    heads, each rank keeps a replica of one head (vLLM's rule), hence max(1, ...)."""
+    heads, each rank keeps a replica of one head (vLLM's rule), hence max(1, ...): an MQA model (one KV head) keeps
+    it on every rank. Sliding-window layers count in full: the built-in engine's paged cache keeps every token of
+    every layer (it has no per-layer-type block pools that drop blocks behind the window)."""
     layers = math.ceil(facts.num_layers / pp)
     kv_heads = max(1, facts.num_kv_heads // tp)
     return 2 * layers * kv_heads * facts.head_dim * kv_dtype_bytes
@@ -71,9 +73,12 @@ def forward_bytes(facts: ModelFacts, num_tokens: int, dtype_bytes: int, tp: int)
     """Peak transient memory of one forward pass over `num_tokens` tokens, before the LM head.
     Layers run one after another, so one layer's working set counts: at the MLP the residual stream and the normed
     input (2 x hidden) are live with gate_up (2 x intermediate / TP) and the activated half (intermediate / TP), plus
-    the norm's float32 upcast (hidden x 4 bytes). The attention block needs less (q, k, v and output: 4 x hidden)."""
+    the norm's float32 upcast (hidden x 4 bytes); the weights' bytes count every expert (weight_bytes). The attention block needs less (q, k, v and output: 4 x hidden)."""
     hidden = facts.hidden_size
-    mlp = num_tokens * ((2 * hidden + 3 * facts.intermediate_size // tp) * dtype_bytes + hidden * 4)
+    # A mixture of experts sends each token through `experts_per_token` experts: gate/up and the activated half for
+    # each of its rows (the CPU reference's per-expert peak; the fused GPU kernel needs less).
+    width = max(facts.intermediate_size, facts.experts_per_token * facts.expert_intermediate_size)
+    mlp = num_tokens * ((2 * hidden + 3 * width // tp) * dtype_bytes + hidden * 4)
     attention = num_tokens * 4 * hidden * dtype_bytes
     return max(mlp, attention)
 

@@ -35,7 +35,8 @@ PYPI_PREFIX = "pypi:"
 # Architectures that produce embeddings or scores rather than text (besides any `*Model` encoder without an LM head).
 _POOLING_SUFFIXES = ("Model", "ForSequenceClassification", "ForEmbedding", "ForRewardModeling")
 _GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM",
-                       "gemma3": "Gemma3ForCausalLM", "bert": "BertModel", "phi3": "Phi3ForCausalLM"}
+                       "gemma3": "Gemma3ForCausalLM", "bert": "BertModel", "phi3": "Phi3ForCausalLM",
+                       "qwen3": "Qwen3ForCausalLM", "qwen3moe": "Qwen3MoeForCausalLM"}
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,10 @@ class ModelFacts:
     checkpoint_dtype: str | None  # float16 / bfloat16 / float32 for unquantized checkpoints
     param_count: int
     checkpoint_bytes: int | None  # bytes of the stored weights: exact for local files, published for catalogue files
+    # Mixture of experts (0 for dense models): experts a layer, experts each token runs, each expert's MLP width.
+    num_experts: int = 0
+    experts_per_token: int = 0
+    expert_intermediate_size: int = 0
 
     @property
     def embedding_params(self) -> int:
@@ -204,6 +209,13 @@ def _facts_from_config(config: dict[str, Any], source: str, reference: str, *, p
     except (TypeError, ValueError, ZeroDivisionError):
         raise ModelError("VD204", f"{where}: malformed config.json: hidden_size, num_attention_heads, "
                          "num_hidden_layers and vocab_size must be numbers") from None
+    try:
+        experts = int(get("num_experts", "num_local_experts", default=0))
+        experts_per_token = int(get("num_experts_per_tok", default=0)) if experts else 0
+        expert_intermediate = int(get("moe_intermediate_size", default=intermediate)) if experts else 0
+    except (TypeError, ValueError):
+        raise ModelError("VD204", f"{where}: malformed config.json: num_experts, num_experts_per_tok and "
+                         "moe_intermediate_size must be numbers") from None
     quant = config.get("quantization_config") or {}
     quantization = str(quant.get("quant_method")).lower() if isinstance(quant, dict) and quant else None
     if pooling is None:
@@ -215,7 +227,8 @@ def _facts_from_config(config: dict[str, Any], source: str, reference: str, *, p
         tie_word_embeddings=bool(get("tie_word_embeddings", default=False)), pooling=bool(pooling),
         needs_remote_code=needs_remote_code, quantization=quantization,
         checkpoint_dtype=None if quantization else config.get("torch_dtype") or config.get("dtype"),
-        param_count=0, checkpoint_bytes=checkpoint_bytes,
+        param_count=0, checkpoint_bytes=checkpoint_bytes, num_experts=experts, experts_per_token=experts_per_token,
+        expert_intermediate_size=expert_intermediate,
     )
     return _replace(facts, param_count=param_count or estimate_params(facts, config))
 
@@ -230,11 +243,31 @@ def estimate_params(facts: ModelFacts, config: dict[str, Any]) -> int:
         per_layer = 4 * h * h + 4 * h + 2 * h * i + i + h + 4 * h
         embeddings = (v + facts.max_positions + int(config.get("type_vocab_size", 2))) * h + 2 * h
         return embeddings + layers * per_layer + h * h + h
-    # Llama family: q/k/v/o projections (Qwen2 adds q/k/v biases), gated MLP, two RMSNorms per layer.
+    # Llama family: q/k/v/o projections (Qwen2 adds q/k/v biases; Qwen3 and Gemma 3 a norm over q and k heads), a
+    # gated MLP, two RMSNorms per layer (Gemma 3: four). Mixture of experts: a router and every expert's gated MLP in
+    # each sparse layer (Qwen3-MoE may keep some layers dense).
     q, kv = facts.num_heads * facts.head_dim, facts.num_kv_heads * facts.head_dim
     qkv_bias = q + 2 * kv if facts.model_type.startswith("qwen2") else 0
-    per_layer = h * (q + 2 * kv) + qkv_bias + q * h + 3 * h * i + 2 * h
-    return facts.embedding_params + layers * per_layer + h
+    qk_norms = 2 * facts.head_dim if facts.model_type in _QK_NORM_TYPES else 0
+    norms = (4 if facts.model_type.startswith("gemma") else 2) * h
+    attention = h * (q + 2 * kv) + qkv_bias + q * h + qk_norms
+    dense_mlp = 3 * h * i
+    sparse_mlp = h * facts.num_experts + facts.num_experts * 3 * h * facts.expert_intermediate_size
+    dense_layers = layers - _sparse_layers(facts, config)
+    mlps = dense_layers * dense_mlp + (layers - dense_layers) * sparse_mlp
+    return facts.embedding_params + layers * (attention + norms) + mlps + h
+
+
+_QK_NORM_TYPES = ("qwen3", "qwen3_moe", "gemma3", "gemma3_text")
+
+
+def _sparse_layers(facts: ModelFacts, config: dict[str, Any]) -> int:
+    """Layers whose MLP is a mixture of experts: every `decoder_sparse_step`-th one not in `mlp_only_layers`."""
+    if not facts.num_experts:
+        return 0
+    step = int(config.get("decoder_sparse_step") or 1)
+    dense = set(config.get("mlp_only_layers") or [])
+    return sum(1 for index in range(facts.num_layers) if index not in dense and (index + 1) % step == 0)
 
 
 def _replace(facts: ModelFacts, **changes: Any) -> ModelFacts:
@@ -275,6 +308,8 @@ def gguf_facts(path: Path) -> ModelFacts:
         pooling=arch in ("bert", "nomic-bert"), needs_remote_code=False, quantization="gguf", checkpoint_dtype=None,
         param_count=sum(t.n_elements for t in header.tensors),
         checkpoint_bytes=sum(t.n_bytes for t in header.tensors),
+        num_experts=int(key("expert_count", 0)), experts_per_token=int(key("expert_used_count", 0)),
+        expert_intermediate_size=int(key("expert_feed_forward_length", 0)),
     )
 
 

@@ -126,7 +126,10 @@ def test_hub_id_found_in_the_hf_cache(tmp_path, monkeypatch):
 # Published parameter totals (model cards / safetensors index files) vs the catalogue's architecture formula.
 PUBLISHED = {"facebook/opt-125m": 125_239_296, "Qwen/Qwen2.5-0.5B-Instruct": 494_032_768,
              "Qwen/Qwen2.5-7B-Instruct": 7_615_616_512, "Qwen/Qwen2.5-72B-Instruct": 72_706_203_648,
-             "Qwen/QwQ-32B": 32_763_876_352, "HuggingFaceTB/SmolLM2-135M-Instruct": 134_515_008}
+             "Qwen/QwQ-32B": 32_763_876_352, "HuggingFaceTB/SmolLM2-135M-Instruct": 134_515_008,
+             "google/gemma-3-270m-it": 268_098_176, "google/gemma-3-1b-it": 999_885_952,
+             "Qwen/Qwen3-0.6B": 596_049_920, "Qwen/Qwen3-8B": 8_190_735_360,
+             "Qwen/Qwen3-30B-A3B": 30_532_122_624, "mistralai/Mixtral-8x7B-Instruct-v0.1": 46_702_792_704}
 
 
 @pytest.mark.parametrize("model", PUBLISHED)
