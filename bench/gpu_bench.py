@@ -1,7 +1,9 @@
 """The GPU benchmark of issue 6, run on the H100 host: our engine against transformers in the same run, bf16, random
-weights at real shapes (Qwen2.5-0.5B, SmolLM2-135M).
+weights at real shapes (Qwen2.5-0.5B, SmolLM2-135M; a Qwen3-MoE of Qwen3-30B-A3B's widths on request).
 
     python3 bench/gpu_bench.py --output-json bench/results/gpu_h100.json
+    python3 bench/gpu_bench.py --shapes qwen3-moe-30b-a3b-12l --sections throughput,decode,agreement \
+        --num-prompts 128 --output-json bench/results/gpu-moe-h100.json
 
 Sections (each prints its numbers; all land in one JSON with the command, the GPU name and software versions):
 - throughput: vLLM's offline workload (N requests, input and output lengths uniform in [lo, hi], ignore_eos);
@@ -43,6 +45,26 @@ SHAPES: dict[str, dict[str, Any]] = {
         rope_theta=1000000.0,
         rms_norm_eps=1e-6,
         tie_word_embeddings=True,
+    ),
+    # Qwen3-30B-A3B's widths (128 experts of 768, top 8, q/k norms) on 12 of its 48 layers: 7.8B parameters, so that
+    # transformers' copy fits beside ours on one 80 GB GPU in turn.
+    "qwen3-moe-30b-a3b-12l": dict(
+        model_type="qwen3_moe",
+        hidden_size=2048,
+        intermediate_size=6144,
+        moe_intermediate_size=768,
+        num_experts=128,
+        num_experts_per_tok=8,
+        norm_topk_prob=True,
+        num_hidden_layers=12,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        head_dim=128,
+        vocab_size=151936,
+        max_position_embeddings=40960,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
     ),
     "smollm2-135m": dict(
         model_type="llama",
