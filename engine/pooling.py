@@ -7,8 +7,8 @@ on a background thread so a forward never blocks the server's event loop, and th
 (`tokenizer`, `max_model_len`, `stats()`, `is_running()`, `shutdown()`).
 
 Pooling follows the model's sentence-transformers files when present (`1_Pooling/config.json` picks mean / CLS /
-last-token; a `Normalize` module in `modules.json` turns on L2 normalisation); otherwise an encoder pools CLS and a
-decoder its last token. `convert: embed` normalises by default; `convert: reward` returns raw pooled values;
+last-token; a `Normalize` module in `modules.json` turns on L2 normalisation); otherwise the model's own default (its
+class's `default_pooling`: mean for jina-embeddings-v4's Qwen2.5-VL backbone), CLS for an encoder. `convert: embed` normalises by default; `convert: reward` returns raw pooled values;
 `convert: classify` (a classification head) is not supported.
 """
 
@@ -42,9 +42,9 @@ class PoolingSpec:
     normalize: bool
 
 
-def pooling_spec(model_dir: str | None, convert: str, is_encoder: bool) -> PoolingSpec:
-    """The pooling a model asks for in its sentence-transformers files, else the default for its kind."""
-    method: PoolingMethod = "cls" if is_encoder else "last"
+def pooling_spec(model_dir: str | None, convert: str, default: PoolingMethod = "cls") -> PoolingSpec:
+    """The pooling a model asks for in its sentence-transformers files, else `default` (the model's)."""
+    method: PoolingMethod = default
     normalize = convert != "reward"
     if model_dir is None or not os.path.isdir(model_dir):
         return PoolingSpec(method, normalize)
@@ -98,11 +98,16 @@ class PoolingEngine:
         self.tokenizer = load_tokenizer(config)
         self.model = load_model(config, hf_config)
         self.device = torch.device(config.device)
-        # The model's positions bound the context whatever the plan says (BERT: 512).
-        self.config = dataclasses.replace(config, max_model_len=min(config.max_model_len, hf_config.max_position_embeddings))
+        # The model's positions bound the context whatever the plan says (BERT: 512). Multimodal configs nest the
+        # language model's.
+        text_config = hf_config.get_text_config()
+        positions = text_config.max_position_embeddings
+        self.config = dataclasses.replace(config, max_model_len=min(config.max_model_len, positions))
         self.max_model_len = self.config.max_model_len
         self.spec = pooling_spec(
-            str(resolve_model(config.model, config.revision, config.download_dir)), config.convert, is_encoder=True
+            str(resolve_model(config.model, config.revision, config.download_dir)),
+            config.convert,
+            getattr(self.model, "default_pooling", "cls"),
         )
         logger.info(
             "pooling runner: %s, %s pooling, normalize=%s, %d-d vectors, max_model_len=%d, up to %d prompts / %d "
@@ -110,7 +115,7 @@ class PoolingEngine:
             type(self.model).__name__,
             self.spec.method,
             self.spec.normalize,
-            hf_config.hidden_size,
+            text_config.hidden_size,
             self.max_model_len,
             config.max_num_seqs,
             config.max_num_batched_tokens,

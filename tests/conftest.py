@@ -109,3 +109,9 @@ def tiny_qwen3_moe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_mixtral_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny-mixtral"), "mixtral", num_local_experts=4, num_experts_per_tok=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_5_vl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """jina-embeddings-v4-shaped: Qwen2.5-VL with tied embeddings (its 3B size), text only."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-qwen2.5-vl"), "qwen2_5_vl")

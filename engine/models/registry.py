@@ -19,6 +19,8 @@ ARCHITECTURES: dict[str, str] = {
     "Qwen3MoeForCausalLM": "vdeploy_engine.models.moe:Qwen3MoeForCausalLM",
     "MixtralForCausalLM": "vdeploy_engine.models.moe:MixtralForCausalLM",
     "OPTForCausalLM": "vdeploy_engine.models.opt:OPTForCausalLM",
+    # Qwen2.5-VL's language model on text (jina-embeddings-v4's backbone, for the pooling runner).
+    "Qwen2_5_VLForConditionalGeneration": "vdeploy_engine.models.qwen2_5_vl:Qwen2_5_VLForConditionalGeneration",
     # Encoders for the pooling runner.
     "BertModel": _BERT,
     "BertForMaskedLM": _BERT,
@@ -34,6 +36,7 @@ _BY_MODEL_TYPE = {
     "gemma3_text": "Gemma3ForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "mixtral": "MixtralForCausalLM",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
     "opt": "OPTForCausalLM",
     "bert": "BertModel",
 }

@@ -35,7 +35,7 @@ NORMALIZE = [{"type": "sentence_transformers.models.Transformer"}, {"type": "sen
     ],
 )
 def test_pooling_spec_follows_the_model_files(tmp_path, pooling, modules, convert, expected):
-    assert pooling_spec(_model_dir(tmp_path, pooling, modules), convert, is_encoder=True) == expected
+    assert pooling_spec(_model_dir(tmp_path, pooling, modules), convert) == expected
 
 
 def test_pool_methods_per_sequence():
