@@ -19,7 +19,10 @@ requests and read outputs through queues, so a model step never blocks the event
 - A generator closed early (client disconnect) aborts its request.
 - Requests reaching an idle engine in a burst start as one batch: the loop waits for the rest of the burst, briefly
   (a lone request at most MAX_ARRIVAL_GAP_S). Each step's outputs reach an event loop in one callback.
-- If the engine loop dies, every open and later request raises `EngineDeadError` (a RuntimeError).
+- A request whose step raised fails alone: its stream raises `RequestFailedError` (a RuntimeError naming the cause)
+  and the loop goes on. A device fault (CUDA error, out of memory) or a bug outside any request's step kills the
+  loop: every open and later request raises `EngineDeadError` (a RuntimeError), and `on_fatal` (if given) is called
+  so the server can exit and be restarted.
 - `stats()` returns the EngineStats snapshot taken after the latest step (running / waiting counts, KV cache usage,
   prompt / generation token totals, preemptions, prefix cache queries / hits).
 """
@@ -27,18 +30,21 @@ requests and read outputs through queues, so a model step never blocks the event
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from vdeploy_engine.config import EngineConfig
-from vdeploy_engine.core.engine import EngineStats, InvalidPromptError, LLMEngine
+from vdeploy_engine.core.engine import EngineStats, InvalidPromptError, LLMEngine, RequestFailedError
 from vdeploy_engine.outputs import RequestOutput
 from vdeploy_engine.sampling_params import SamplingParams
 
-__all__ = ["AsyncEngine", "EngineDeadError", "InvalidPromptError"]
+__all__ = ["AsyncEngine", "EngineDeadError", "InvalidPromptError", "RequestFailedError"]
+
+logger = logging.getLogger("vdeploy_engine.engine")
 
 # Arrival coalescing at an idle engine (AsyncEngine._gather_arrivals), timed in recent steps' wall time.
 ARRIVAL_GAP_STEPS = 0.25  # how long to wait for the next request of a burst ...
@@ -52,10 +58,17 @@ class EngineDeadError(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, config: EngineConfig, engine: LLMEngine | None = None):
+    def __init__(
+        self,
+        config: EngineConfig,
+        engine: LLMEngine | None = None,
+        on_fatal: Callable[[BaseException], None] | None = None,
+    ):
         self.engine = engine or LLMEngine.from_config(config)
         self.config = self.engine.config
         self.tokenizer = self.engine.tokenizer
+        self.vocab_size = self.engine.vocab_size
+        self._on_fatal = on_fatal
         self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stats = self.engine.stats()
@@ -77,6 +90,7 @@ class AsyncEngine:
     ) -> AsyncIterator[RequestOutput]:
         self._raise_if_dead()
         text, token_ids = self.engine.check_prompt(prompt)
+        self.check_params(params)
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         outputs: asyncio.Queue = asyncio.Queue()
@@ -86,7 +100,7 @@ class AsyncEngine:
         try:
             while not finished:
                 output = await outputs.get()
-                if isinstance(output, ValueError):  # the engine refused the request
+                if isinstance(output, (ValueError, RequestFailedError)):  # refused, or failed alone
                     raise output
                 if isinstance(output, BaseException):
                     raise EngineDeadError("the engine loop stopped") from output
@@ -96,6 +110,10 @@ class AsyncEngine:
             self._streams.pop(request_id, None)
             if not finished:
                 self._commands.put(("abort", request_id))
+
+    def check_params(self, params: SamplingParams) -> None:
+        """SamplingParamsError when `params` name what this model lacks (token ids past its vocabulary)."""
+        self.engine.check_params(params)
 
     async def abort(self, request_id: str) -> None:
         """Stops the request (its stream ends with finish_reason "abort") and frees its KV blocks."""
@@ -126,13 +144,22 @@ class AsyncEngine:
                 if idle and self.engine.has_unfinished_requests() and not self._gather_arrivals():
                     return
                 started = time.monotonic()
-                outputs = self.engine.step()
+                try:
+                    outputs = self.engine.step()
+                except RequestFailedError as failure:  # those requests are aborted; the others go on
+                    logger.error("requests %s failed", failure.request_ids, exc_info=failure.__cause__)
+                    self._stats = self.engine.stats()
+                    self._publish([(request_id, failure) for request_id in failure.request_ids])
+                    continue
                 if outputs:
                     self._time_step(time.monotonic() - started)
                 self._stats = self.engine.stats()  # before publishing, so a finished stream sees its counts
                 self._publish([(output.request_id, output) for output in outputs])
         except BaseException as error:  # noqa: BLE001 - reported to every waiting caller
+            logger.critical("the engine loop stopped", exc_info=error)
             self._error = error
+            if self._on_fatal is not None:
+                self._on_fatal(error)
             self._publish([(request_id, error) for request_id in list(self._streams)])
 
     def _time_step(self, seconds: float) -> None:
@@ -180,6 +207,9 @@ class AsyncEngine:
                 self.engine.add_request(request_id, text, params, prompt_token_ids=token_ids)
             except ValueError as error:  # e.g. the id of a request whose abort is still queued
                 self._publish([(request_id, error)])
+            except Exception as error:  # this request cannot be queued; the others are not concerned
+                self.engine.abort_request(request_id)
+                self._publish([(request_id, RequestFailedError([request_id], error))])
         elif command == "abort":
             output = self.engine.abort_request(arg)
             self._stats = self.engine.stats()

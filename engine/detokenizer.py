@@ -3,7 +3,9 @@
 A byte-level BPE token can hold part of a UTF-8 character (most Chinese characters span two or three tokens) and a
 SentencePiece token's leading space depends on its left neighbour. So each step decodes a short window of recent
 tokens twice — with and without the tokens not yet emitted — and emits the difference, unless the window still ends
-in an incomplete character (decoded as U+FFFD), in which case it waits for the next token.
+in an incomplete character (decoded as U+FFFD), in which case it waits for the next token. When the sequence ends,
+`flush` emits what is still waiting, U+FFFD included: the whole text then equals the tokenizer's decode of the tokens,
+as transformers and vLLM show it.
 """
 
 from __future__ import annotations
@@ -39,12 +41,20 @@ class IncrementalDetokenizer:
     def step(self, token_id: int) -> str:
         """Adds a token; returns the text it completes (possibly empty)."""
         self.tokens.append(token_id)
+        return self._emit(final=False)
+
+    def flush(self) -> str:
+        """The text of the tokens still held back (an incomplete or invalid UTF-8 sequence at the end), once no
+        token follows."""
+        return self._emit(final=True)
+
+    def _emit(self, final: bool) -> str:
         decode = self.decode
         emitted = decode(
             self.tokens[self.prefix_offset : self.read_offset], skip_special_tokens=self.skip_special_tokens
         )
         window = decode(self.tokens[self.prefix_offset :], skip_special_tokens=self.skip_special_tokens)
-        if len(window) <= len(emitted) or window.endswith("\ufffd"):
+        if len(window) <= len(emitted) or (window.endswith("\ufffd") and not final):
             return ""
         self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
         return window[len(emitted) :]

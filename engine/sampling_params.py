@@ -3,9 +3,14 @@ request bodies before touching the engine."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 _GREEDY_EPSILON = 1e-5  # temperatures below this decode greedily, as in vLLM
+# A seed must fit torch's 64-bit generator after the sequence index (< 128 choices) is added to it; vLLM takes the
+# range of a signed 64-bit integer.
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+_FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 
 
 class SamplingParamsError(ValueError):
@@ -41,6 +46,9 @@ class SamplingParams:
             self.top_k = 0
         self.stop_strings = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        for name in _FLOAT_FIELDS:  # NaN passes every range check below, and inf turns logits into NaN
+            if not math.isfinite(getattr(self, name)):
+                raise SamplingParamsError(name, f"must be a finite number, got {getattr(self, name)}")
         checks = [
             ("n", self.n >= 1, f"must be >= 1, got {self.n}"),
             ("temperature", self.temperature >= 0, f"must be >= 0, got {self.temperature}"),
@@ -63,6 +71,11 @@ class SamplingParams:
             ),
             ("stop", all(isinstance(s, str) and s for s in self.stop_strings), "must be non-empty strings"),
             ("stop_token_ids", all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "must be token ids"),
+            (
+                "seed",
+                self.seed is None or SEED_MIN <= self.seed <= SEED_MAX,
+                f"must fit a signed 64-bit integer ({SEED_MIN}..{SEED_MAX}), got {self.seed}",
+            ),
             ("logprobs", self.logprobs is None or self.logprobs >= 0, f"must be >= 0, got {self.logprobs}"),
         ]
         for name, ok, message in checks:

@@ -28,6 +28,7 @@ CODES: dict[str, str] = {
     "VD009": "duplicate key in a mapping",
     "VD010": "no recipe found",
     "VD011": "file cannot be read",
+    "VD012": "secret-looking literal value in `env`",
     "VD101": "unknown hardware profile",
     "VD102": "not enough GPUs for the parallelism",
     "VD103": "dtype not supported by the GPU",

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from vdeploy import secrets
 from vdeploy.diagnostics import Diagnostic, error, warning
 
 Auto = Literal["auto"]
@@ -271,7 +272,22 @@ def _validate(data: Any, source: SourceMap, problems: list[Diagnostic]) -> Recip
     except ValidationError as exc:
         problems.extend(_translate(exc, data))
         recipe = None
+    if recipe is not None:
+        problems.extend(_literal_secrets(recipe))
     return RecipeDocument(source, recipe, [source.place(d) for d in problems])
+
+
+def _literal_secrets(recipe: Recipe) -> list[Diagnostic]:
+    return [
+        warning(
+            "VD012",
+            f"env {name} holds what looks like a secret, in plain text: it would be copied into the state directory "
+            "and rendered files",
+            field=f"env.{name}",
+            hint=f'take it from the environment instead: `{name}: "${{{name}}}"`, and set {name} where vdeploy runs',
+        )
+        for name in secrets.literal_secrets(recipe.env)
+    ]
 
 
 def _yaml_kind(value: Any) -> str:

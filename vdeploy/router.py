@@ -5,9 +5,11 @@ HTTP/1.1 proxy on asyncio streams: request parsing, keep-alive, chunked bodies a
 a home-made proxy gets wrong, and both libraries are small and torch-free. httpx talks to the replicas and lets a
 response be relayed chunk by chunk, so server-sent events stream through unchanged.
 
-Each request goes to the replica with the fewest outstanding requests (ties: the first). A replica that refuses the
-connection (it was just stopped, or crashed) is skipped and the request is sent to the next one, so clients do not
-see a rollout.
+Each request goes to the replica with the fewest outstanding requests (ties: the first). Until the first byte of
+a reply reaches the client, a request is not lost: a replica that refuses the connection, drops it (killed
+mid-request) or answers 503 (its engine died) is skipped and the request goes to the next one; with none left it is
+held, up to HOLD_S, until a replica is ready again (the only one restarting). So clients see neither a rollout nor a
+crash, except a stream cut after it began. Every error the router itself answers is OpenAI's error JSON.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 log = logging.getLogger("vdeploy.router")
 
+HOLD_S = 30.0  # how long a request waits for a ready replica before the router answers 503
+RETRY_PAUSE_S = 0.1  # between rounds over the replicas while holding a request
+
 # Headers that describe one hop, not the message (RFC 9110 7.6.1); httpx and uvicorn set their own.
 _HOP_HEADERS = {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade", "host"}
 
@@ -43,8 +48,15 @@ class Backend:
         return f"Backend({self.url}, rev {self.revision}, {self.outstanding} outstanding)"
 
 
+def error_response(status: int, message: str) -> JSONResponse:
+    """OpenAI's error JSON, as the replicas answer it, so a client sees one error format whoever answered."""
+    kind = {502: "BadGatewayError", 503: "ServiceUnavailableError"}.get(status, "InternalServerError")
+    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": status}}, status)
+
+
 class Router:
-    def __init__(self) -> None:
+    def __init__(self, hold_s: float = HOLD_S) -> None:
+        self.hold_s = hold_s
         self.backends: list[Backend] = []
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(None, connect=5.0),  # generations may take minutes; connecting may not
@@ -69,46 +81,76 @@ class Router:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return
-        response = await self.forward(Request(scope, receive))
+        try:
+            response = await self.forward(Request(scope, receive))
+        except Exception as e:  # a bug of ours, or the client gone: still an answer in the API's format
+            log.exception("routing failed")
+            response = error_response(502, f"the router could not relay the request: {e!r}")
         await response(scope, receive, send)
 
     async def forward(self, request: Request) -> Response:
-        body = await request.body()  # read once, so a refused connection can be retried on another replica
+        body = await request.body()  # read once, so that the request can be sent again to another replica
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS]
+        deadline = time.monotonic() + self.hold_s
         tried: set[int] = set()
-        while (backend := self.pick(tried)) is not None:
+        problem = "no replica is ready"
+        while True:
+            backend = self.pick(tried)
+            if backend is None:  # every replica tried: hold the request while one may come back
+                if time.monotonic() >= deadline:
+                    return error_response(503, f"no ready replica to serve the request ({problem})")
+                await asyncio.sleep(RETRY_PAUSE_S)
+                tried.clear()
+                continue
             tried.add(id(backend))
-            backend.outstanding += 1
             upstream = self.client.build_request(
-                request.method,
-                backend.url + request.url.path,
-                params=request.url.query,
-                headers=headers,
-                content=body,
+                request.method, backend.url + request.url.path, params=request.url.query, headers=headers, content=body
             )
+            backend.outstanding += 1
             try:
-                reply = await self.client.send(upstream, stream=True)
-            except (httpx.ConnectError, httpx.RemoteProtocolError) as e:
-                # Refused or closed before any response: the replica is gone, nothing was answered. Try another.
+                reply, chunks, first = await self._first_chunk(upstream)
+            except httpx.TransportError as e:
+                # Refused, or dropped before the first byte: nothing reached the client. Try another replica.
                 backend.outstanding -= 1
-                log.warning("replica %s unavailable (%s); retrying elsewhere", backend.url, e)
+                problem = f"replica {backend.replica}: {e!r}"
+                log.warning("replica %s failed before answering (%r); retrying elsewhere", backend.url, e)
                 continue
             except BaseException:
                 backend.outstanding -= 1
                 raise
+            if reply.status_code == 503:  # the replica's engine is gone; another may serve it
+                await reply.aclose()
+                backend.outstanding -= 1
+                problem = f"replica {backend.replica} answered 503"
+                continue
             reply_headers = {k: v for k, v in reply.headers.items() if k.lower() not in _HOP_HEADERS}
             reply_headers["x-vdeploy-revision"] = str(backend.revision)
             reply_headers["x-vdeploy-replica"] = str(backend.replica)
-            return StreamingResponse(self._relay(reply, backend), status_code=reply.status_code, headers=reply_headers)
-        return JSONResponse(
-            {"error": {"message": "no ready replica to serve the request", "type": "ServiceUnavailable", "code": 503}},
-            status_code=503,
-        )
+            relay = self._relay(reply, chunks, first, backend)
+            return StreamingResponse(relay, status_code=reply.status_code, headers=reply_headers)
 
-    async def _relay(self, reply: httpx.Response, backend: Backend) -> AsyncIterator[bytes]:
+    async def _first_chunk(self, upstream: httpx.Request) -> tuple[httpx.Response, AsyncIterator[bytes], bytes]:
+        """The reply, its body, and the body's first chunk (a stream's first event): until that has come, the
+        request can be sent elsewhere."""
+        reply = await self.client.send(upstream, stream=True)
+        chunks = reply.aiter_raw()
         try:
-            async for chunk in reply.aiter_raw():
+            first = await anext(chunks, b"")
+        except BaseException:
+            await reply.aclose()
+            raise
+        return reply, chunks, first
+
+    async def _relay(
+        self, reply: httpx.Response, chunks: AsyncIterator[bytes], first: bytes, backend: Backend
+    ) -> AsyncIterator[bytes]:
+        try:
+            yield first
+            async for chunk in chunks:
                 yield chunk
+        except httpx.TransportError as e:  # the replica died mid-reply: the client's connection is cut, not lied to
+            log.warning("replica %s failed mid-reply (%r)", backend.url, e)
+            raise
         finally:
             await reply.aclose()
             backend.outstanding -= 1

@@ -6,6 +6,7 @@ Layout under `state_root()`:
     <name>/status.json               written by the supervisor: replicas, rollout progress, last error
     <name>/supervisor.lock           held (flock) by the live supervisor; its liveness test
     <name>/logs/                     supervisor.log and one log per replica per revision
+    .locks/<name>.lock               held by the CLI command changing the deployment (apply, rollout undo, delete)
 
 Every write goes through `atomic_write` (temp file, fsync, rename), so a crash at any point leaves each file either
 old or new, never torn.
@@ -13,19 +14,26 @@ old or new, never torn.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock, Timeout
 
 # The parts of a plan that change what runs. Diagnostics and decisions carry recipe line numbers and wording, which
 # must not turn an unchanged deployment into a rollout.
 RUNTIME_KEYS = ("engine", "replicas", "backend", "env", "health", "rollout", "gpu_count")
+
+COMMAND_LOCK_WAIT_S = 600.0  # how long a command waits for another one changing the same deployment
 
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
 
@@ -96,7 +104,8 @@ class Deployment:
 
     def __init__(self, name: str, root: Path | None = None):
         self.name = check_name(name)
-        self.dir = (root or state_root()) / name
+        self.root = root or state_root()
+        self.dir = self.root / name
 
     # Paths.
     @property
@@ -178,6 +187,53 @@ class Deployment:
 
     def write_status(self, status: dict[str, Any]) -> None:
         write_json(self.status_path, status)
+
+    # Commands that change the deployment (read the live revision, add one, request it, wait) run one at a time: two
+    # applies at once both numbered their plan "revision 6" and one change vanished. The lock lives outside the
+    # deployment's folder, so that taking it does not make a deployment appear, and dies with its process (flock).
+    @contextlib.contextmanager
+    def command_lock(
+        self, command: str, timeout: float = COMMAND_LOCK_WAIT_S, on_wait: Callable[[str], None] | None = None
+    ) -> Iterator[None]:
+        """Hold the deployment's command lock for the block; waits at most `timeout` s for another command (telling
+        `on_wait` who holds it), then raises StateError saying which command holds it."""
+        locks = self.root / ".locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        lock, owner = FileLock(locks / f"{self.name}.lock"), locks / f"{self.name}.owner"
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            if on_wait is not None:
+                on_wait(self._lock_owner(owner))
+            try:
+                lock.acquire(timeout=timeout)
+            except Timeout:
+                raise StateError(
+                    f"deployment {self.name!r} is being changed by {self._lock_owner(owner)}; gave up after "
+                    f"{timeout:.0f}s (try again once it finishes)"
+                ) from None
+        try:
+            atomic_write(owner, json.dumps({"pid": os.getpid(), "command": command, "since": time.time()}))
+            yield
+        finally:
+            lock.release()
+
+    def remove(self) -> None:
+        """Delete the deployment's folder and its lock files (called under the command lock, by `delete`)."""
+        shutil.rmtree(self.dir, ignore_errors=True)
+        locks = self.root / ".locks"
+        for path in (locks / f"{self.name}.owner", locks / f"{self.name}.lock"):
+            path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # other deployments' locks remain
+            locks.rmdir()
+
+    @staticmethod
+    def _lock_owner(owner: Path) -> str:
+        try:
+            info = json.loads(owner.read_text())
+            return f"`vdeploy {info['command']}` (pid {info['pid']})"
+        except (OSError, ValueError, KeyError):
+            return "another vdeploy command"
 
     # The supervisor's liveness: it holds an exclusive flock on supervisor.lock for its whole life. A lock, unlike a
     # pid file, dies with its process, so a stale pid can never be mistaken for a live supervisor.

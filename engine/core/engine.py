@@ -2,6 +2,10 @@
 
 `add_request` tokenises and queues; each `step()` schedules, runs the model once, samples, appends tokens, detokenises,
 applies stop conditions and returns a cumulative RequestOutput for every request that progressed.
+
+A step that raises fails the requests it was serving, not the engine: they are aborted (their KV blocks freed) and
+`RequestFailedError` names them, so the caller can hand each its error and step on. Only a device fault (CUDA error,
+out of memory) propagates as it is: the device state is then unknown and the process must be restarted.
 """
 
 from __future__ import annotations
@@ -16,12 +20,43 @@ from vdeploy_engine.core.kv_cache import KVCacheManager
 from vdeploy_engine.core.scheduler import Scheduler, SchedulerOutput
 from vdeploy_engine.core.sequence import PENDING_TOKEN, Request, Sequence
 from vdeploy_engine.outputs import Logprob, RequestOutput
-from vdeploy_engine.sampling_params import SamplingParams
+from vdeploy_engine.sampling_params import SamplingParams, SamplingParamsError
 
 
 class InvalidPromptError(ValueError):
     """The client sent a prompt the model cannot take: empty, longer than max_model_len, or with unknown token ids
     (the server answers 400)."""
+
+
+class RequestFailedError(RuntimeError):
+    """Serving these requests raised (their step failed for a reason other than a device fault): they were aborted
+    and the engine can go on. The cause is chained."""
+
+    def __init__(self, request_ids: list[str], cause: BaseException):
+        super().__init__(f"the request failed in the engine: {type(cause).__name__}: {cause}")
+        self.request_ids = request_ids
+        self.__cause__ = cause
+
+
+_DEVICE_FAULT_TEXT = (
+    "CUDA error",
+    "CUBLAS_STATUS",
+    "cuDNN error",
+    "device-side assert",
+    "illegal memory access",
+    "out of memory",
+    "NCCL error",
+)
+
+
+def is_device_fault(error: BaseException) -> bool:
+    """Errors after which the device (or the host's memory) cannot be trusted: the process must be restarted."""
+    import torch
+
+    fatal = (MemoryError, torch.cuda.OutOfMemoryError, getattr(torch, "AcceleratorError", MemoryError))
+    if isinstance(error, fatal):
+        return True
+    return isinstance(error, RuntimeError) and any(text in str(error) for text in _DEVICE_FAULT_TEXT)
 
 
 @dataclass
@@ -54,6 +89,10 @@ class LLMEngine:
         self.scheduler = Scheduler(config, self.kv)
         self.requests: dict[str, Request] = {}
         self.eos_token_ids = _eos_token_ids(tokenizer, model)
+        # Token ids a request may name: those both the tokenizer and the model's embedding and logits know.
+        model_vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+        self.vocab_size = min(len(tokenizer), model_vocab) if isinstance(model_vocab, int) else len(tokenizer)
+        self._batch: list[str] = []  # ids of the requests the current step serves (failed together if it raises)
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self._in_flight: _InFlight | None = None  # a decode step launched ahead, its tokens not yet taken
@@ -82,10 +121,18 @@ class LLMEngine:
         problem = self.config.prompt_length_error(len(token_ids))
         if problem:
             raise InvalidPromptError(problem)
-        vocab = len(self.tokenizer)
-        if any(not 0 <= t < vocab for t in token_ids):
-            raise InvalidPromptError(f"the prompt holds token ids outside the vocabulary (0..{vocab - 1})")
+        if any(not 0 <= t < self.vocab_size for t in token_ids):
+            raise InvalidPromptError(f"the prompt holds token ids outside the vocabulary (0..{self.vocab_size - 1})")
         return text, token_ids
+
+    def check_params(self, params: SamplingParams) -> None:
+        """Refuses sampling parameters this model cannot honour (token ids past its vocabulary) with a
+        SamplingParamsError naming the field; the ranges the model does not decide are SamplingParams' own checks."""
+        bad = next((t for t in params.stop_token_ids if t >= self.vocab_size), None)
+        if bad is not None:
+            raise SamplingParamsError("stop_token_ids", f"{bad} is outside the vocabulary (0..{self.vocab_size - 1})")
+        if params.logprobs is not None and params.logprobs > self.vocab_size:
+            raise SamplingParamsError("logprobs", f"must be <= the vocabulary size {self.vocab_size}")
 
     def add_request(
         self,
@@ -100,6 +147,7 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         if prompt_token_ids is None:
             prompt, prompt_token_ids = self.check_prompt(prompt)
+        self.check_params(params)
         request = Request(request_id, prompt, prompt_token_ids, params, self.tokenizer, arrival_time)
         self.requests[request_id] = request
         self.scheduler.add(request.seqs[0])
@@ -123,9 +171,24 @@ class LLMEngine:
     # -- the loop ------------------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """One engine step. Raises RequestFailedError (its requests aborted) when serving them raised, or the
+        device fault itself."""
+        try:
+            return self._step()
+        except Exception as error:
+            if is_device_fault(error) or not self._batch:
+                raise
+            failed, self._batch, self._in_flight = self._batch, [], None
+            for request_id in failed:
+                self.abort_request(request_id)
+            raise RequestFailedError(failed, error) from error
+
+    def _step(self) -> list[RequestOutput]:
+        self._batch = [] if self._in_flight is None else _request_ids(self._in_flight.seqs)
         if self._in_flight is not None and not self._in_flight_continues():
             return self._land()  # the batch changes: its tokens are needed before scheduling
         step = self.scheduler.schedule()
+        self._batch = list(dict.fromkeys(self._batch + _request_ids(seq for seq, _ in step.scheduled)))
         if not step.scheduled:
             return self._land() if self._in_flight is not None else []
         sampling = [seq for seq, n in step.scheduled if seq.num_computed_tokens + n == seq.num_tokens]
@@ -262,6 +325,8 @@ class LLMEngine:
         ):
             seq.finish_reason = "length"
         if seq.finish_reason is not None:
+            if not isinstance(seq.stop_reason, str):  # a stop string cut the text; anything else ends it whole
+                seq.text += seq.detokenizer.flush()
             self.scheduler.finish(seq)
 
     @staticmethod
@@ -298,6 +363,10 @@ class _InFlight:
     seqs: list[Sequence]  # in the order of the step's rows
     positions: list[int]  # where each sequence's pending token sits in its token_ids
     tokens: Callable[[], list[int]]  # waits for the step and returns its tokens
+
+
+def _request_ids(seqs) -> list[str]:
+    return list(dict.fromkeys(seq.request.request_id for seq in seqs))
 
 
 def _runs_ahead(params: SamplingParams) -> bool:

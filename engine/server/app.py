@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from vdeploy_engine.async_engine import EngineDeadError
 from vdeploy_engine.config import EngineConfig
 from vdeploy_engine.server import completions, embeddings
 from vdeploy_engine.server.metrics import CONTENT_TYPE, ServerMetrics
@@ -68,7 +69,7 @@ async def list_models(state: ServerState = Depends(server_state)) -> ModelList:
 async def tokenize(body: TokenizeRequest, state: ServerState = Depends(server_state)) -> TokenizeResponse:
     state.check_model(body.model)
     if body.messages is not None:
-        tokens = state.chat_prompt(body.messages, body.add_generation_prompt)
+        tokens = await state.chat_prompt(body.messages, body.add_generation_prompt)
     else:
         tokens = state.tokenize(body.prompt, body.add_special_tokens)
     return TokenizeResponse(count=len(tokens), max_model_len=state.max_model_len, tokens=tokens)
@@ -77,14 +78,13 @@ async def tokenize(body: TokenizeRequest, state: ServerState = Depends(server_st
 @utility.post("/detokenize")
 async def detokenize(body: DetokenizeRequest, state: ServerState = Depends(server_state)) -> DetokenizeResponse:
     state.check_model(body.model)
-    vocab_size = len(state.tokenizer)
-    bad = next((t for t in body.tokens if not 0 <= t < vocab_size), None)
-    if bad is not None:
-        raise APIError(400, f"Token id {bad} is outside the vocabulary (0..{vocab_size - 1}).", "tokens")
+    state.check_token_ids(body.tokens, "tokens")
     return DetokenizeResponse(prompt=state.tokenizer.decode(body.tokens))
 
 
-def build_app(config: EngineConfig, engine: Any, api_key: str | None = None) -> FastAPI:
+def build_app(
+    config: EngineConfig, engine: Any, api_key: str | None = None, trust_request_chat_template: bool = False
+) -> FastAPI:
     """The replica's app over a loaded, running `engine` (stopped when the app stops)."""
 
     @asynccontextmanager
@@ -93,7 +93,8 @@ def build_app(config: EngineConfig, engine: Any, api_key: str | None = None) -> 
         engine.shutdown()
 
     app = FastAPI(title="vdeploy engine", version=_version(), lifespan=lifespan)
-    app.state.server = ServerState(config, engine, ServerMetrics(config.name, engine.stats), api_key)
+    metrics = ServerMetrics(config.name, engine.stats)
+    app.state.server = ServerState(config, engine, metrics, api_key, trust_request_chat_template)
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -110,6 +111,8 @@ def build_app(config: EngineConfig, engine: Any, api_key: str | None = None) -> 
     @app.exception_handler(Exception)
     async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
         logger.error("request failed", exc_info=exc)
+        if isinstance(exc, EngineDeadError):  # the process is on its way out; the supervisor restarts it
+            return error_response(503, f"The engine stopped: {exc.__cause__!r}; the replica is restarting.")
         return error_response(500, f"Internal server error: {type(exc).__name__}: {exc}")
 
     @app.exception_handler(StarletteHTTPException)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ from vdeploy_engine.server.protocol import (
 from vdeploy_engine.server.state import APIError, ServerState, error_body, server_state
 
 router = APIRouter()
+logger = logging.getLogger("vdeploy_engine.server")
 
 _SAMPLING_FIELDS = (
     "n",
@@ -102,7 +104,7 @@ async def create_chat_completion(
     state.check_model(body.model)
     state.require_runner("generate", "Chat Completions")
     request_id = random_id("chatcmpl")
-    prompt_ids = state.chat_prompt(body.messages, body.add_generation_prompt, body.chat_template_kwargs)
+    prompt_ids = await state.chat_prompt(body.messages, body.add_generation_prompt, body.chat_template_kwargs)
     top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
     max_tokens = body.max_completion_tokens or body.max_tokens
     jobs = [_Job.create(state, request_id, prompt_ids, body, max_tokens, top_logprobs, "messages")]
@@ -163,6 +165,7 @@ class _Job:
         max_tokens = state.resolve_max_tokens(len(prompt_ids), max_tokens, prompt_param)
         try:
             params = SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **values)
+            state.engine.check_params(params)  # what the model bounds: token ids within its vocabulary
         except SamplingParamsError as error:
             raise APIError(400, str(error), error.field) from error
         return cls(state, request_id, prompt_ids, params)
@@ -323,6 +326,9 @@ async def _stream(
             yield _event(envelope.model_copy(update={"usage": _usage(jobs, finals)}))
     except ValueError as error:  # the engine refused the request after the stream began
         yield f"data: {error_body(400, str(error)).model_dump_json()}\n\n"
+    except Exception as error:  # the request failed in the engine: its client hears why, in the stream it reads
+        logger.error("streamed request failed", exc_info=error)
+        yield f"data: {error_body(500, f'{type(error).__name__}: {error}').model_dump_json()}\n\n"
     yield "data: [DONE]\n\n"
 
 
@@ -352,9 +358,8 @@ def _completion_prompts(state: ServerState, prompt: str | list[str] | list[int] 
         return [state.tokenize(text) for text in prompt]
     else:
         prompts = [list(ids) for ids in prompt]
-    vocab_size = len(state.tokenizer)
-    if any(not 0 <= t < vocab_size for ids in prompts for t in ids):
-        raise APIError(400, f"prompt holds a token id outside the vocabulary (0..{vocab_size - 1}).", "prompt")
+    for ids in prompts:
+        state.check_token_ids(ids, "prompt")
     return prompts
 
 

@@ -78,20 +78,18 @@ async def create_rerank(body: RerankRequest, state: ServerState = Depends(server
 def _token_prompts(state: ServerState, inputs: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
     """Token ids of each input, every one checked against max_model_len."""
     if isinstance(inputs, str):
-        prompts = [state.tokenize(inputs)]
+        prompts = [state.tokenize(inputs, param="input")]
     elif not inputs:
         raise APIError(400, "input must not be empty.", "input")
     elif isinstance(inputs[0], int):
         prompts = [list(inputs)]
     elif isinstance(inputs[0], str):
-        prompts = [state.tokenize(text) for text in inputs]
+        prompts = [state.tokenize(text, param="input") for text in inputs]
     else:
         prompts = [list(ids) for ids in inputs]
-    vocab_size = len(state.tokenizer)
     for ids in prompts:
         state.check_prompt_length(len(ids), "input")
-        if any(not 0 <= t < vocab_size for t in ids):
-            raise APIError(400, f"input holds a token id outside the vocabulary (0..{vocab_size - 1}).", "input")
+        state.check_token_ids(ids, "input")
     return prompts
 
 

@@ -6,13 +6,18 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
+import threading
+from collections.abc import Callable
 from typing import Any
 
 from vdeploy_engine import progress
 from vdeploy_engine.config import EngineConfig
 
 logger = logging.getLogger("vdeploy_engine.server")
+
+FATAL_EXIT_GRACE_S = 15.0  # after the engine dies, the seconds uvicorn has to answer the failed requests and stop
 
 
 class EngineStartupError(Exception):
@@ -29,8 +34,10 @@ def api_key_from_env(config: EngineConfig) -> str | None:
     return key
 
 
-def serve(config: EngineConfig, api_key: str | None = None) -> int:
-    """Loads the engine for `config` and serves it until interrupted. Returns the exit status."""
+def serve(config: EngineConfig, api_key: str | None = None, trust_request_chat_template: bool = False) -> int:
+    """Loads the engine for `config` and serves it until interrupted or until the engine dies (a device fault: the
+    process exits with status 1 and one line `EngineDeadError: <why>`, so the supervisor restarts it). Returns the
+    exit status."""
     import uvicorn
 
     from vdeploy_engine.server.app import build_app
@@ -53,27 +60,41 @@ def serve(config: EngineConfig, api_key: str | None = None) -> int:
         config.max_num_batched_tokens,
         "required" if api_key else "not required",
     )
+    fatal: list[BaseException] = []
+
+    def stop_serving(error: BaseException) -> None:
+        """The engine loop died: stop uvicorn (its SIGTERM handler lets the failed requests answer first), and exit
+        outright if that takes too long."""
+        fatal.append(error)
+        os.kill(os.getpid(), signal.SIGTERM)
+        threading.Timer(FATAL_EXIT_GRACE_S, os._exit, (1,)).start()
+
     try:
-        engine = load_engine(config)
+        engine = load_engine(config, stop_serving)
     except Exception as error:  # any load failure ends start-up with one line saying why
         logger.debug("start-up failed", exc_info=True)
         print(f"EngineStartupError: {type(error).__name__}: {error}", file=sys.stderr)
         return 1
     _log_capacity(config, engine)
     progress.phase("serving", port=config.port)  # the HTTP server starts; /health answers once it listens
-    uvicorn.run(build_app(config, engine, api_key), host=config.host, port=config.port, log_level="info")
+    app = build_app(config, engine, api_key, trust_request_chat_template)
+    uvicorn.run(app, host=config.host, port=config.port, log_level="info")
+    if fatal:
+        print(f"EngineDeadError: {type(fatal[0]).__name__}: {fatal[0]}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 
-def load_engine(config: EngineConfig) -> Any:
-    """The running engine for `config`: a PoolingEngine for runner `pooling`, else an AsyncEngine."""
+def load_engine(config: EngineConfig, on_fatal: Callable[[BaseException], None] | None = None) -> Any:
+    """The running engine for `config`: a PoolingEngine for runner `pooling`, else an AsyncEngine (which calls
+    `on_fatal` if its loop dies)."""
     if config.runner == "pooling":
         from vdeploy_engine.pooling import PoolingEngine
 
         return PoolingEngine(config)
     from vdeploy_engine.async_engine import AsyncEngine
 
-    return AsyncEngine(config)
+    return AsyncEngine(config, on_fatal=on_fatal)
 
 
 def _log_capacity(config: EngineConfig, engine: Any) -> None:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import ctypes
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,16 +44,32 @@ def error_response(status: int, message: str, param: str | None = None) -> JSONR
     return JSONResponse(error_body(status, message, param).model_dump(), status_code=status)
 
 
+# A chat template renders on a thread of its own and is stopped past this (a looping template once blocked /health
+# for 14 s when it rendered on the event loop).
+CHAT_TEMPLATE_TIME_LIMIT_S = 5.0
+
+
 @dataclass
 class ServerState:
     config: EngineConfig
     engine: Any  # engine.async_engine.AsyncEngine (runner generate) or engine.pooling.PoolingEngine (runner pooling)
     metrics: ServerMetrics
     api_key: str | None = None
+    trust_request_chat_template: bool = False  # vLLM's --trust-request-chat-template
 
     @property
     def tokenizer(self) -> Any:
         return self.engine.tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids a request may name: 0 .. vocab_size - 1."""
+        return getattr(self.engine, "vocab_size", None) or len(self.tokenizer)
+
+    def check_token_ids(self, token_ids: list[int], param: str) -> None:
+        bad = next((t for t in token_ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise APIError(400, f"Token id {bad} in '{param}' is outside the vocabulary (0..{self.vocab_size - 1}).", param)
 
     @property
     def model_name(self) -> str:
@@ -88,25 +109,84 @@ class ServerState:
             )
         return max_tokens
 
-    def chat_prompt(
+    async def chat_prompt(
         self, messages: list[ChatMessage], add_generation_prompt: bool, template_kwargs: dict | None = None
     ) -> list[int]:
-        """Token ids of `messages` rendered through the model's chat template (or the configured one)."""
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise APIError(400, "The model has no chat template; start the server with --chat-template.", "messages")
-        try:
-            rendered = self.tokenizer.apply_chat_template(
-                [m.model_dump(exclude_none=True) | {"content": m.text()} for m in messages],
-                add_generation_prompt=add_generation_prompt,
-                tokenize=False,
-                **(template_kwargs or {}),
+        """Token ids of `messages` rendered through the model's chat template (or the configured one), off the event
+        loop and within CHAT_TEMPLATE_TIME_LIMIT_S. A template of the request's own is refused unless trusted."""
+        template_kwargs = template_kwargs or {}
+        if "chat_template" in template_kwargs and not self.trust_request_chat_template:
+            raise APIError(
+                400,
+                "Chat templates in requests are refused: the server was not started with --trust-request-chat-template.",
+                "chat_template_kwargs",
             )
+        if not getattr(self.tokenizer, "chat_template", None) and "chat_template" not in template_kwargs:
+            raise APIError(400, "The model has no chat template; start the server with --chat-template.", "messages")
+        conversation = [m.model_dump(exclude_none=True) | {"content": m.text()} for m in messages]
+
+        def render() -> str:
+            return self.tokenizer.apply_chat_template(
+                conversation, add_generation_prompt=add_generation_prompt, tokenize=False, **template_kwargs
+            )
+
+        try:
+            rendered = await run_with_time_limit(render, CHAT_TEMPLATE_TIME_LIMIT_S)
+        except TimeoutError:
+            raise APIError(
+                400, f"The chat template did not finish rendering within {CHAT_TEMPLATE_TIME_LIMIT_S:g} s.", "messages"
+            ) from None
         except Exception as error:  # the template rejects the conversation (jinja raise_exception, bad roles ...)
             raise APIError(400, f"The chat template could not render the messages: {error}", "messages") from error
+        check_text(rendered, "messages")
         return self.tokenizer.encode(rendered, add_special_tokens=False)
 
-    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    def tokenize(self, text: str, add_special_tokens: bool = True, param: str = "prompt") -> list[int]:
+        check_text(text, param)
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+
+def check_text(text: str, param: str) -> None:
+    """400 for text the tokenizer cannot take: JSON may carry lone UTF-16 surrogates ("\\ud800"), which no
+    encoding holds."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise APIError(
+            400, f"'{param}' holds text that cannot be encoded (a lone surrogate at character {error.start}).", param
+        ) from None
+
+
+class _Interrupted(TimeoutError):
+    """Raised inside a thread that ran past its time limit."""
+
+
+async def run_with_time_limit(work: Callable[[], Any], seconds: float) -> Any:
+    """`work()` on a thread of its own, awaited; past `seconds` the thread is interrupted (an asynchronous
+    exception, taken at its next Python bytecode: a Jinja template is Python code) and TimeoutError is raised."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if not done.done():
+            done.set_exception(error) if error is not None else done.set_result(result)
+
+    def run() -> None:
+        try:
+            result, error = work(), None
+        except BaseException as failure:  # noqa: BLE001 - handed to the awaiting request
+            result, error = None, failure
+        with contextlib.suppress(RuntimeError):  # the loop is gone (the server stopped): no one is waiting
+            loop.call_soon_threadsafe(settle, result, error)
+
+    thread = threading.Thread(target=run, name="chat-template", daemon=True)
+    thread.start()
+    try:
+        return await asyncio.wait_for(asyncio.shield(done), seconds)
+    except TimeoutError:
+        done.cancel()  # what the thread ends with is no one's concern now
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(_Interrupted))
+        raise
 
 
 async def server_state(request: Request) -> ServerState:

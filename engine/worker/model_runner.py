@@ -9,6 +9,8 @@ matters at batch 1, where the host's time per step is as long as the GPU's.
 On CUDA the KV cache is sized by measurement, as vLLM does: weights as loaded, the peak of a profiling forward pass
 at max_num_batched_tokens (plus the sampler), memory outside torch (CUDA context), and the CUDA graphs' pool; the cache
 takes what is left of gpu_memory_utilization, and never more than the plan's prediction, so the plan's peak holds.
+On the CPU the cache has the plan's size; the same components are measured (engine/worker/memory_use.py), the
+overhead being what the process holds beyond its tensors. Either way `measured` is logged beside the prediction.
 """
 
 from __future__ import annotations
@@ -20,10 +22,16 @@ from types import SimpleNamespace
 import torch
 
 from vdeploy_engine import progress
-from vdeploy_engine.config import EngineConfig, MemoryBudget
+from vdeploy_engine.config import EngineConfig
 from vdeploy_engine.core.scheduler import SchedulerOutput
 from vdeploy_engine.core.sequence import Sequence
 from vdeploy_engine.layers.attention import Attention, AttentionMetadata
+from vdeploy_engine.worker.memory_use import (
+    cpu_peak_bytes,
+    log_predicted_vs_measured,
+    module_tensor_bytes,
+    process_rss_bytes,
+)
 from vdeploy_engine.worker.sampler import Sampler, SamplerOutput
 
 logger = logging.getLogger(__name__)
@@ -54,8 +62,9 @@ class ModelRunner:
             for layer in self.attn_layers
         )
         self.sampler = Sampler(self.device, config.seed)
-        # Bytes per GPU as measured at start-up, keyed like the plan's memory table (CUDA only).
+        # Bytes per GPU (on the CPU: of the process) as measured at start-up, keyed like the plan's memory table.
         self.measured: dict[str, int] = {}
+        self._measure_weights_and_activations()
         self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
         self.num_blocks = self._kv_cache_bytes() // self.bytes_per_block
         if self.num_blocks <= 0:
@@ -85,10 +94,13 @@ class ModelRunner:
             self._token_slots = [torch.zeros(config.max_num_seqs, dtype=torch.long, pin_memory=True) for _ in range(2)]
             self._launches = 0
             self.graphs.capture()
-            self.measured["cuda_graph_bytes"] = self.graphs.memory_bytes
-        if self.device.type == "cuda":
-            self.measured["kv_cache_bytes"] = self.num_blocks * self.bytes_per_block
-            _log_predicted_vs_measured(config.predicted_memory, self.measured)
+        self.measured["cuda_graph_bytes"] = self.graphs.memory_bytes if self.graphs else 0
+        self.measured["kv_cache_bytes"] = self.num_blocks * self.bytes_per_block
+        if self.device.type == "cpu":  # the interpreter, torch, the tokenizer, the allocator's slack
+            self.measured["overhead_bytes"] = (
+                process_rss_bytes() - self.measured["weights_bytes"] - self.measured["kv_cache_bytes"]
+            )
+        log_predicted_vs_measured(self.device.type, config.predicted_memory, self.measured)
         logger.info(
             "KV cache: %d blocks of %d tokens (%.1f MiB), %d CPU swap blocks",
             self.num_blocks,
@@ -103,15 +115,23 @@ class ModelRunner:
         if self.device.type != "cuda":
             raise ValueError("kv_cache_memory_bytes: required on CPU (LLM(...) and the compiler set it)")
         cfg, predicted, m = self.config, self.config.predicted_memory, self.measured
-        m["weights_bytes"] = torch.cuda.memory_allocated()
-        m["activation_bytes"] = self.profile_run() - m["weights_bytes"]
-        torch.cuda.empty_cache()  # so that mem_get_info counts weights and context, not the profile's freed blocks
-        free, total = torch.cuda.mem_get_info()
-        m["overhead_bytes"] = (total - free) - torch.cuda.memory_reserved()  # CUDA context, NCCL, ...
+        total = torch.cuda.mem_get_info()[1]
         # Graphs are captured after the cache is allocated: reserve the plan's estimate for them.
         graphs = 0 if cfg.enforce_eager else predicted.cuda_graph_bytes if predicted else _DEFAULT_GRAPH_BYTES
         available = int(total * cfg.gpu_memory_utilization) - sum(m.values()) - graphs
         return max(min(available, predicted.kv_cache_bytes if predicted else available), 0)
+
+    def _measure_weights_and_activations(self) -> None:
+        m = self.measured
+        if self.device.type != "cuda":
+            m["weights_bytes"] = module_tensor_bytes(self.model)
+            m["activation_bytes"] = self.profile_run()
+            return  # the CPU's overhead is measured once the KV cache is resident
+        m["weights_bytes"] = torch.cuda.memory_allocated()
+        m["activation_bytes"] = self.profile_run()
+        torch.cuda.empty_cache()  # so that mem_get_info counts weights and context, not the profile's freed blocks
+        free, total = torch.cuda.mem_get_info()
+        m["overhead_bytes"] = (total - free) - torch.cuda.memory_reserved()  # CUDA context, NCCL, ...
 
     def _allocate(self, num_blocks: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [
@@ -127,14 +147,15 @@ class ModelRunner:
     @torch.inference_mode()
     def profile_run(self) -> int:
         """Runs the largest step the scheduler can produce (max_num_batched_tokens tokens over max_num_seqs sequences)
-        with no KV cache bound; returns the peak bytes allocated on the device (0 on CPU, where it is not tracked)."""
+        with no KV cache bound, and samples its logits; returns the peak bytes it allocated beyond what was held."""
         cfg = self.config
-        num_seqs = min(cfg.max_num_seqs, cfg.max_num_batched_tokens)
-        lens = [cfg.max_num_batched_tokens // num_seqs] * num_seqs
-        lens[-1] += cfg.max_num_batched_tokens - sum(lens)
+        # No sequence is longer than max_model_len, so a step holds at most max_num_seqs of them.
+        num_tokens = min(cfg.max_num_batched_tokens, cfg.max_num_seqs * cfg.max_model_len)
+        num_seqs = min(cfg.max_num_seqs, num_tokens)
+        lens = [num_tokens // num_seqs + (i < num_tokens % num_seqs) for i in range(num_seqs)]
         cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=self.device)
         positions = torch.cat([torch.arange(n) for n in lens]).to(self.device)
-        input_ids = torch.zeros(cfg.max_num_batched_tokens, dtype=torch.long, device=self.device)
+        input_ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
         meta = AttentionMetadata(
             slot_mapping=torch.full_like(input_ids, -1),
             seq_lens=torch.tensor(lens, dtype=torch.int32, device=self.device),
@@ -144,19 +165,22 @@ class ModelRunner:
         bound = [(layer.k_cache, layer.v_cache) for layer in self.attn_layers]
         for layer in self.attn_layers:
             layer.k_cache = layer.v_cache = None
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        try:
+
+        def step() -> None:
             hidden = self.model(input_ids, positions, meta)
-            logits = self.model.compute_logits(hidden[cu[1:].long() - 1])
-            _sampler_peak(logits)
+            _sampler_peak(self.model.compute_logits(hidden[cu[1:].long() - 1]))
+
+        try:
+            if self.device.type != "cuda":
+                return cpu_peak_bytes(step)
+            held = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            step()
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - held
         finally:
             for layer, (k, v) in zip(self.attn_layers, bound, strict=True):
                 layer.k_cache, layer.v_cache = k, v
-        if self.device.type != "cuda":
-            return 0
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated()
 
     @torch.inference_mode()
     def execute(self, step: SchedulerOutput, sample_seqs: list[Sequence]) -> torch.Tensor:
@@ -280,14 +304,6 @@ def _sampler_peak(logits: torch.Tensor) -> None:
     """Allocates what the sampler's top-k/top-p path holds at once over a batch of logits, for the profiling pass."""
     sorted_logits, order = logits.float().sort(dim=-1, descending=True)
     sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-
-
-def _log_predicted_vs_measured(predicted: MemoryBudget | None, measured: dict[str, int]) -> None:
-    rows = [
-        f"{key.removesuffix('_bytes'):>12} {getattr(predicted, key, 0) / _MiB:10.1f} {value / _MiB:10.1f}"
-        for key, value in measured.items()
-    ]
-    logger.info("GPU memory (MiB)   predicted   measured\n%s", "\n".join(rows))
 
 
 def _is_decode(scheduled: list[tuple[Sequence, int]]) -> bool:

@@ -102,7 +102,7 @@ def test_server_sent_events_stream_through_unbuffered() -> None:
 def test_refused_replica_is_skipped_and_no_replica_is_503() -> None:
     async def scenario() -> None:
         replica, replica_port = await _start(_replica_app("alive"))
-        router = Router()
+        router = Router(hold_s=0.5)
         dead = Backend(f"http://127.0.0.1:{free_port()}", 1)  # nothing listens there
         router.set_backends([dead, Backend(f"http://127.0.0.1:{replica_port}", 1)])
         front, port = await _start(router)

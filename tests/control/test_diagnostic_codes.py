@@ -31,6 +31,8 @@ CASES = [
      "hardware: t4\n", "VD008", (5, 1), 1),
     ("duplicate-key", "model: facebook/opt-125m\nhardware: t4\nhardware: cpu\n", "VD009", (3, 1), 1),
     ("empty-file", "# nothing here\n", "VD010", (1, 1), 0),
+    ("secret-in-env", "model: facebook/opt-125m\nhardware: t4\nenv:\n  HF_TOKEN: hf_abcdefgh12345678\n", "VD012",
+     (4, 3), 0),
     ("unknown-profile", "model: facebook/opt-125m\nhardware: t5\n", "VD101", (2, 1), 1),
     ("too-few-gpus", "model: Qwen/Qwen2.5-7B-Instruct\nhardware: t4\nparallelism:\n  tensor_parallel_size: 2\n",
      "VD102", (4, 3), 1),

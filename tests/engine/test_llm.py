@@ -262,7 +262,7 @@ def test_profile_run_runs_the_largest_step_without_touching_the_cache(make_llm):
     llm = make_llm()
     runner = llm.llm_engine.runner
     caches = [(layer.k_cache, layer.v_cache) for layer in runner.attn_layers]
-    assert runner.profile_run() == 0  # peak memory is tracked on CUDA only
+    assert runner.profile_run() > 0  # the bytes its step allocated at the peak
     assert all(
         layer.k_cache is k and layer.v_cache is v for layer, (k, v) in zip(runner.attn_layers, caches, strict=True)
     )

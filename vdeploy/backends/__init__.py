@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from vdeploy import secrets
 from vdeploy.backends import builtin, vllm
 
 
@@ -29,8 +30,9 @@ def replica_command(plan: dict[str, Any], plan_path: str, port: int) -> list[str
 
 
 def replica_env(plan: dict[str, Any], gpus: list[int] | None) -> dict[str, str]:
-    """The replica's environment: ours, then the plan's (profile toolchain + recipe env), then its GPUs."""
-    env = {**os.environ, **{k: str(v) for k, v in plan.get("env", {}).items()}}
+    """The replica's environment: ours, then the plan's (profile toolchain + recipe env, `${NAME}` references
+    resolved from ours: EnvReferenceError if one is unset), then its GPUs."""
+    env = {**os.environ, **secrets.resolve(plan.get("env", {}), os.environ)}
     if gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
     api_key_env = plan["engine"].get("api_key_env")

@@ -9,6 +9,7 @@ with the root cause when the new revision could not start (the old one keeps ser
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -17,7 +18,7 @@ from typing import Any
 from vdeploy.commands.output import add_output_argument
 from vdeploy.diagnostics import Diagnostic, format_text, has_errors
 
-FAILED = ("failed", "timeout")
+FAILED = ("failed", "timeout", "not ready")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -77,20 +78,32 @@ def checked_plans(path: str) -> list[dict[str, Any]] | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vdeploy.rollout import changes, live_plan, readiness_timeout, wait_for_rollout
-    from vdeploy.state import Deployment, StateError
-
     plans = checked_plans(args.path)
     if plans is None:
         print("apply: nothing changed (fix the errors above)", file=sys.stderr)
         return 1
+    # Each deployment's command lock is held until its rollout is done (or not waited for), so a second apply of it
+    # waits and then compares against what this one rolled out.
+    with contextlib.ExitStack() as locks:
+        results, foreground = _apply(args, plans, locks)
+    if foreground is not None:
+        from vdeploy.supervisor import run_foreground
+
+        return run_foreground(foreground)
+    return 1 if any(r["action"] in FAILED for r in results) else 0
+
+
+def _apply(args: argparse.Namespace, plans: list[dict[str, Any]], locks: contextlib.ExitStack):
+    from vdeploy.rollout import changes, live_plan, readiness_timeout, wait_for_rollout
+    from vdeploy.state import Deployment, StateError
+
     if args.foreground:
         if len(plans) != 1:
             print(f"apply: --foreground runs one deployment; {args.path} holds {len(plans)}", file=sys.stderr)
-            return 1
+            return [{"action": "failed"}], None
         if Deployment(plans[0]["name"]).supervisor_alive():
             print(f"apply: {plans[0]['name']} already has a supervisor; `vdeploy delete` it first", file=sys.stderr)
-            return 1
+            return [{"action": "failed"}], None
 
     results: list[dict[str, Any]] = []
     pending: list[tuple[dict[str, Any], Deployment, int]] = []
@@ -98,16 +111,20 @@ def run(args: argparse.Namespace) -> int:
         try:
             deployment = Deployment(plan["name"])
             result = {"name": plan["name"], "url": f"http://{plan['engine']['host']}:{plan['engine']['port']}"}
-            live = live_plan(deployment)
-            diff = changes(live, plan)
+            diff = changes(live_plan(deployment), plan)
+            if diff and not args.dry_run and not (unavailable := _backend_problem(plan) or _pull_problem(plan, args.output)):
+                # A change to make: from here on, under the deployment's lock (compared again: another command may
+                # have changed the deployment while this one waited for the lock).
+                locks.enter_context(deployment.command_lock("apply", on_wait=_say_waiting(deployment)))
+                diff = changes(live_plan(deployment), plan)
             result["changes"] = diff
             if not diff:
-                results.append({**result, "action": "unchanged", "revision": deployment.status().get("revision")})
+                result |= {"action": "unchanged", "revision": deployment.status().get("revision")}
+                results.append(result | _readiness_problem(deployment))
                 continue
             if args.dry_run:
                 results.append({**result, "action": "would roll out"})
                 continue
-            unavailable = _backend_problem(plan) or _pull_problem(plan, args.output)
             if unavailable:
                 results.append({**result, "action": "failed", "reason": unavailable})
                 continue
@@ -125,11 +142,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.foreground:
         _report(results, args.output)
-        if results[0]["action"] in FAILED:
-            return 1
-        from vdeploy.supervisor import run_foreground
-
-        return run_foreground(Deployment(plans[0]["name"]))
+        return results, None if results[0]["action"] in FAILED else Deployment(plans[0]["name"])
 
     if args.wait and pending:
         from vdeploy.commands.progress import RolloutProgress
@@ -151,7 +164,25 @@ def run(args: argparse.Namespace) -> int:
                 result["serving_revision"] = deployment.status().get("revision")
         progress.close()
     _report(results, args.output)
-    return 1 if any(r["action"] in FAILED for r in results) else 0
+    return results, None
+
+
+def _readiness_problem(deployment) -> dict[str, Any]:
+    """For a deployment that needs no rollout: "not ready" and why, when fewer replicas are ready than desired."""
+    from vdeploy.commands.status import describe
+
+    health = describe(deployment)
+    if health["ready"] >= health["desired"]:
+        return {}
+    reason = f"{health['ready']}/{health['desired']} replicas ready"
+    return {"action": "not ready", "reason": reason + (f": {health['last_error']}" if health["last_error"] else "")}
+
+
+def _say_waiting(deployment):
+    def say(holder: str) -> None:
+        print(f"apply: {deployment.name} is being changed by {holder}; waiting for it to finish", file=sys.stderr)
+
+    return say
 
 
 def _serving(deployment) -> int | None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import time
 
@@ -59,11 +58,12 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         deployment = Deployment.existing(args.name)
-        stop(deployment)
+        with deployment.command_lock("delete"):
+            stop(deployment)
+            if not args.keep_state:
+                deployment.remove()
     except StateError as e:
         print(f"delete: {e}", file=sys.stderr)
         return 1
-    if not args.keep_state:
-        shutil.rmtree(deployment.dir)
     print(f"{args.name}: deleted")
     return 0

@@ -45,7 +45,10 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         deployment = Deployment.existing(args.name)
-        return {"status": _status, "history": _history, "undo": _undo}[args.rollout_action](deployment, args)
+        if args.rollout_action == "undo":
+            with deployment.command_lock("rollout undo"):
+                return _undo(deployment, args)
+        return {"status": _status, "history": _history}[args.rollout_action](deployment, args)
     except StateError as e:
         print(f"rollout: {e}", file=sys.stderr)
         return 1
@@ -60,12 +63,12 @@ def _status(deployment, args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"rollout status: --timeout: {e}", file=sys.stderr)
         return 1
-    desired = deployment.desired()
-    if desired is None:
-        return _report_rollout(deployment.name, {"phase": "none", "reason": "no rollout yet"}, args.output)
-    if not args.watch:
-        rollout = deployment.status().get("rollout") or {"revision": desired["revision"], "phase": "progressing"}
-        return _report_rollout(deployment.name, rollout, args.output)
+    desired, recorded = deployment.desired(), deployment.status().get("rollout")
+    if desired is None or not args.watch:  # nothing requested to wait for, or not asked to wait
+        if not recorded:
+            recorded = {"revision": desired["revision"], "phase": "progressing"} if desired else \
+                {"phase": "none", "reason": "no rollout yet"}
+        return _report_rollout(deployment, recorded, args.output)
     said = set()
     wanted = int(deployment.plan(desired["revision"]).get("replicas", 1))
 
@@ -76,7 +79,7 @@ def _status(deployment, args: argparse.Namespace) -> int:
             print(line, flush=True)
 
     rollout = wait_for_rollout(deployment, desired["generation"], timeout, on_status=progress)
-    return _report_rollout(deployment.name, rollout, args.output)
+    return _report_rollout(deployment, rollout, args.output)
 
 
 def _progress_line(name: str, status: dict, revision: int, desired: int) -> str:
@@ -84,18 +87,28 @@ def _progress_line(name: str, status: dict, revision: int, desired: int) -> str:
     return f"Waiting for {name} revision {revision}: {ready} of {desired} new replicas ready"
 
 
-def _report_rollout(name: str, rollout: dict, output: str) -> int:
-    phase = rollout.get("phase")
+def _report_rollout(deployment, rollout: dict, output: str) -> int:
+    """The rollout's end (or where it is, with --no-watch); exit 0 complete and serving, 1 failed or degraded."""
+    from vdeploy.commands.status import describe
+
+    name, phase = deployment.name, rollout.get("phase")
     code = {"complete": 0, "progressing": 2}.get(phase, 1)
+    health = describe(deployment)
+    degraded = phase == "complete" and health["ready"] < health["desired"]
+    code = 1 if degraded else code
     if output in ("json", "yaml"):
-        emit({"name": name, **rollout, "exit_code": code}, output)
+        emit({"name": name, **rollout, "ready": health["ready"], "desired": health["desired"], "exit_code": code},
+             output)
         return code
     line = f"{name}: revision {rollout.get('revision')} {phase}" if rollout.get("revision") else f"{name}: {phase}"
     if rollout.get("strategy"):
         line += f" ({rollout['strategy']})"
     if rollout.get("reason"):
         line += f": {rollout['reason']}"
-    print(line, file=sys.stdout if code != 1 else sys.stderr)
+    if degraded:  # rolled out once, not serving now: not "complete"
+        line += f", but {health['ready']}/{health['desired']} replicas ready"
+        line += f": {health['last_error']}" if health["last_error"] else ""
+    print(line)
     return code
 
 

@@ -46,9 +46,10 @@ def describe(deployment) -> dict[str, Any]:
     plan = deployment.plan(serving) if serving is not None else {}
     desired = int(plan.get("replicas", 1)) if plan else 0
     rollout = status.get("rollout") or {}
-    errors = [r["last_error"] for r in replicas if r.get("last_error")]
+    # The newest error of all is the one shown: an old crash must not hide the failure of today.
+    errors = [(r.get("last_error_at") or 0, r["last_error"]) for r in replicas if r.get("last_error")]
     if rollout.get("phase") == "failed":
-        errors.append(f"revision {rollout['revision']} failed: {rollout.get('reason')}")
+        errors.append((rollout.get("finished_at") or 0, f"revision {rollout['revision']} failed: {rollout.get('reason')}"))
     return {
         "name": deployment.name,
         "model": plan["engine"]["model"] if plan and alive else None,
@@ -61,7 +62,7 @@ def describe(deployment) -> dict[str, Any]:
         "crash_loop": any(r.get("crash_loop") for r in replicas),
         "memory_bytes": sum(r["rss_bytes"] or 0 for r in replicas),
         "rollout": rollout,
-        "last_error": status.get("error") or (errors[-1] if errors else None),
+        "last_error": status.get("error") or (max(errors)[1] if errors else None),
         "replicas": replicas,
     }
 

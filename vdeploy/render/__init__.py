@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vdeploy import secrets
 from vdeploy.backends import builtin, vllm
 from vdeploy.rollout import readiness_timeout
 
@@ -63,10 +64,18 @@ def render(
         if recipe_path is None:
             raise RenderError("--target systemd needs the recipe file the unit will apply")
         vdeploy = shutil.which("vdeploy") or f"{sys.executable} -m vdeploy.cli"
+        secret_env = secrets.secret_names(plan.get("env", {}))
+        api_key_env = plan["engine"].get("api_key_env")
         return (
             _templates()
             .get_template("systemd.service.j2")
-            .render(plan=plan, recipe=str(Path(recipe_path).resolve()), vdeploy=vdeploy)
+            .render(
+                plan=plan,
+                recipe=str(Path(recipe_path).resolve()),
+                vdeploy=vdeploy,
+                secret_env=secret_env,
+                env_file=([api_key_env] if api_key_env else []) + secret_env,  # what the EnvironmentFile holds
+            )
         )
     if target == "k8s":
         return _kubernetes(plan, image)
@@ -79,7 +88,9 @@ def _command_line(plan: dict[str, Any], target: str, plan_path: str) -> str:
     argv = engine_argv(plan, plan_path)
     if target == "vllm" and plan.get("replicas", 1) > 1:
         argv += ["--data-parallel-size", str(plan["replicas"])]  # vLLM runs its replicas itself
-    env = [f"{k}={shlex.quote(str(v))}" for k, v in sorted(plan.get("env", {}).items())]
+    plan_env = plan.get("env", {})
+    hidden = secrets.secret_names(plan_env)  # taken from the shell's environment, never written out
+    env = [f'{k}="${{{k}}}"' if k in hidden else f"{k}={shlex.quote(str(v))}" for k, v in sorted(plan_env.items())]
     api_key_env = plan["engine"].get("api_key_env")
     if target == "vllm" and api_key_env:
         env.append(f'VLLM_API_KEY="${{{api_key_env}}}"')  # from the variable the recipe names, not in the text
@@ -91,6 +102,10 @@ def _kubernetes(plan: dict[str, Any], image: str | None) -> str:
     engine = plan["engine"]
     plan_path = f"{K8S_PLAN_DIR}/plan.json"
     gpus = engine["tensor_parallel_size"] * engine["pipeline_parallel_size"] if engine["device"] == "cuda" else 0
+    env = plan.get("env", {})
+    secret_env = secrets.secret_names(env)
+    # The engine reads only the plan's engine settings; the ConfigMap's copy of the plan holds no secret.
+    public_plan = {**plan, "env": {k: v for k, v in env.items() if k not in secret_env}}
     return (
         _templates()
         .get_template("k8s.yaml.j2")
@@ -100,7 +115,9 @@ def _kubernetes(plan: dict[str, Any], image: str | None) -> str:
             engine=engine,
             argv=engine_argv(plan, plan_path, host="0.0.0.0"),
             image=image or DEFAULT_IMAGES[backend],
-            plan_json=json.dumps(plan, indent=2, sort_keys=True) if backend == "builtin" else None,
+            plan_json=json.dumps(public_plan, indent=2, sort_keys=True) if backend == "builtin" else None,
+            secret_env=secret_env,
+            literal_secrets={k: env[k] for k in secrets.literal_secrets(env)},
             plan_dir=K8S_PLAN_DIR,
             gpus=gpus,
             shared_memory=engine["tensor_parallel_size"] * engine["pipeline_parallel_size"] > 1,
