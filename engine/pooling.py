@@ -8,8 +8,10 @@ on a background thread so a forward never blocks the server's event loop, and th
 
 Pooling follows the model's sentence-transformers files when present (`1_Pooling/config.json` picks mean / CLS /
 last-token; a `Normalize` module in `modules.json` turns on L2 normalisation); otherwise the model's own default (its
-class's `default_pooling`: mean for jina-embeddings-v4's Qwen2.5-VL backbone), CLS for an encoder. `convert: embed` normalises by default; `convert: reward` returns raw pooled values;
-`convert: classify` (a classification head) is not supported.
+class's `default_pooling`: mean for jina-embeddings-v4's Qwen2.5-VL backbone), CLS for an encoder. `convert: embed`
+normalises by default; `convert: reward` returns raw pooled values. A model with a classification head (a BERT cross-encoder) scores instead: each prompt, a text pair marked by its token
+types, gets its labels' probabilities (a sigmoid of the logit for one label, as sentence-transformers' CrossEncoder
+and vLLM's score API give; a softmax over several).
 """
 
 from __future__ import annotations
@@ -83,20 +85,25 @@ class _Request:
     token_ids: list[int]
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
+    token_type_ids: list[int] | None = None  # a cross-encoder's text pair
 
 
 class PoolingEngine:
-    """`await engine.embed(token_ids)` -> the pooled vector (a list of floats) of one prompt."""
+    """`await engine.embed(token_ids)` -> the pooled vector (a list of floats) of one prompt; for a cross-encoder
+    (`cross_encoder`), the label probabilities of a text pair (`token_type_ids` mark its second text)."""
 
     def __init__(self, config: EngineConfig):
         from vdeploy_engine.loader import load_hf_config, load_model, load_tokenizer, resolve_model
 
-        if config.convert == "classify":
-            raise ValueError("convert 'classify' is not supported by the built-in pooling runner (embed or reward)")
         self.config = config
         hf_config = load_hf_config(config)
         self.tokenizer = load_tokenizer(config)
         self.model = load_model(config, hf_config)
+        self.cross_encoder = hasattr(self.model, "classify")
+        if config.convert == "classify" and not self.cross_encoder:
+            raise ValueError(
+                f"convert 'classify' needs a classification head; {type(self.model).__name__} has none (embed or reward)"
+            )
         self.device = torch.device(config.device)
         # The model's positions bound the context whatever the plan says (BERT: 512). Multimodal configs nest the
         # language model's.
@@ -127,12 +134,12 @@ class PoolingEngine:
         self._thread = threading.Thread(target=self._run, name="pooling-loop", daemon=True)
         self._thread.start()
 
-    async def embed(self, token_ids: list[int]) -> list[float]:
+    async def embed(self, token_ids: list[int], token_type_ids: list[int] | None = None) -> list[float]:
         problem = self.config.prompt_length_error(len(token_ids))
         if problem:
             raise ValueError(problem)
         loop = asyncio.get_running_loop()
-        request = _Request(list(token_ids), loop, loop.create_future())
+        request = _Request(list(token_ids), loop, loop.create_future(), token_type_ids)
         self._incoming.put(request)
         return await request.future
 
@@ -165,7 +172,7 @@ class PoolingEngine:
             batch = self._next_batch()
             self._running = len(batch)
             try:
-                vectors = self._forward([r.token_ids for r in batch])
+                vectors = self._forward(batch)
             except Exception as error:  # a failed step fails its requests, not the engine
                 logger.exception("pooling step failed")
                 results: list = [error] * len(batch)
@@ -202,7 +209,8 @@ class PoolingEngine:
         return batch
 
     @torch.inference_mode()
-    def _forward(self, prompts: list[list[int]]) -> list[list[float]]:
+    def _forward(self, batch: list[_Request]) -> list[list[float]]:
+        prompts = [r.token_ids for r in batch]
         lens = [len(p) for p in prompts]
         cu_seqlens = [0]
         for n in lens:
@@ -215,8 +223,13 @@ class PoolingEngine:
             block_tables=torch.zeros((len(prompts), 0), dtype=torch.int32, device=self.device),
             cu_seqlens_q=torch.tensor(cu_seqlens, dtype=torch.int32, device=self.device),
         )
-        hidden = self.model(input_ids, positions, meta)
-        return pool(hidden, cu_seqlens, self.spec).cpu().tolist()
+        if not self.cross_encoder:
+            return pool(self.model(input_ids, positions, meta), cu_seqlens, self.spec).cpu().tolist()
+        types = [t for r in batch for t in (r.token_type_ids or [0] * len(r.token_ids))]
+        token_type_ids = torch.tensor(types, dtype=torch.long, device=self.device)
+        logits = self.model.classify(self.model(input_ids, positions, meta, token_type_ids), cu_seqlens).float()
+        probabilities = logits.sigmoid() if logits.shape[-1] == 1 else logits.softmax(dim=-1)
+        return probabilities.cpu().tolist()
 
 
 def _resolve(future: asyncio.Future, result: list[float] | BaseException) -> None:

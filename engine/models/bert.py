@@ -2,7 +2,8 @@
 
 Like the decoder models it takes a flat token batch (no padding) whose sequences are marked by
 `meta.cu_seqlens_q`, and attends bidirectionally within each sequence. It never binds a KV cache: an encoder sees
-the whole prompt in one forward. Every sequence is a single segment (token type 0).
+the whole prompt in one forward. A sequence is one segment (token type 0) unless `token_type_ids` mark a pair's second
+text, as a cross-encoder's input does.
 """
 
 from __future__ import annotations
@@ -58,8 +59,14 @@ class BertModel(nn.Module):
             for _ in range(hf_config.num_hidden_layers)
         )
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x = self.word_embeddings(input_ids) + self.position_embeddings(positions) + self.token_type_embeddings.weight[0]
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        segments = self.token_type_embeddings.weight[0] if token_type_ids is None else self.token_type_embeddings(
+            token_type_ids
+        )
+        x = self.word_embeddings(input_ids) + self.position_embeddings(positions) + segments
         x = self.embed_norm(x)
         for layer in self.layers:
             x = layer(x, meta)
@@ -96,3 +103,27 @@ _LAYER_NAMES = {
     "output.dense": "down_proj",
     "output.LayerNorm": "mlp_norm",
 }
+
+
+class BertForSequenceClassification(BertModel):
+    """A cross-encoder (ms-marco rerankers and the like): BERT, its pooler (tanh of a dense layer on the first token)
+    and a linear classifier. `classify` turns each sequence's hidden states into its labels' logits."""
+
+    def __init__(self, hf_config, tp: TPGroup = SINGLE):
+        super().__init__(hf_config, tp)
+        hidden = hf_config.hidden_size
+        self.num_labels = hf_config.num_labels
+        self.pooler = Linear(hidden, hidden, bias=True)
+        self.classifier = Linear(hidden, self.num_labels, bias=True)
+
+    def classify(self, hidden: torch.Tensor, cu_seqlens: list[int]) -> torch.Tensor:
+        """hidden [T, H] of a flat batch -> logits [B, num_labels] from each sequence's first token."""
+        first = hidden[cu_seqlens[:-1]]
+        return self.classifier(torch.tanh(self.pooler(first)))
+
+    def map_checkpoint_name(self, name: str) -> tuple[str, str | None] | None:
+        if name.startswith("bert.pooler.dense."):
+            return name.replace("bert.pooler.dense.", "pooler."), None
+        if name.startswith("classifier."):
+            return name, None
+        return super().map_checkpoint_name(name)

@@ -25,6 +25,7 @@ ARCHITECTURES: dict[str, str] = {
     "BertModel": _BERT,
     "BertForMaskedLM": _BERT,
     "BertForPreTraining": _BERT,
+    "BertForSequenceClassification": "vdeploy_engine.models.bert:BertForSequenceClassification",
 }
 
 # For configs that leave `architectures` out: the usual architecture of each model_type.

@@ -1,4 +1,5 @@
-"""Pooling routes: /v1/embeddings, /score and /rerank. Scores are cosine similarities of the texts' embeddings."""
+"""Pooling routes: /v1/embeddings, /score and /rerank. Scores are a cross-encoder's relevance of each text pair (a
+model with a classification head reads both texts at once), else the cosine similarity of the texts' embeddings."""
 
 from __future__ import annotations
 
@@ -51,8 +52,7 @@ async def create_score(body: ScoreRequest, state: ServerState = Depends(server_s
         raise APIError(
             400, f"text_1 has {len(firsts)} texts and text_2 {len(seconds)}: give one text_1 or equal counts.", "text_2"
         )
-    prompts = _token_prompts(state, firsts + seconds)
-    scores = _pairwise_scores(await _embed(state, prompts), len(firsts))
+    scores, prompts = await _scores(state, firsts, seconds)
     data = [ScoreData(index=i, score=s) for i, s in enumerate(scores)]
     return ScoreResponse(model=state.model_name, data=data, usage=_usage(prompts))
 
@@ -65,14 +65,31 @@ async def create_rerank(body: RerankRequest, state: ServerState = Depends(server
     state.require_runner("pooling", "Rerank")
     if not body.documents:
         raise APIError(400, "documents must not be empty.", "documents")
-    prompts = _token_prompts(state, [body.query] * len(body.documents) + body.documents)
-    scores = _pairwise_scores(await _embed(state, prompts), len(body.documents))
+    scores, prompts = await _scores(state, [body.query] * len(body.documents), body.documents)
     ranked = sorted(range(len(scores)), key=lambda i: scores[i], reverse=True)[: body.top_n]
     results = [
         RerankResult(index=i, document=RerankDocument(text=body.documents[i]), relevance_score=scores[i])
         for i in ranked
     ]
     return RerankResponse(model=state.model_name, usage=_usage(prompts), results=results)
+
+
+async def _scores(state: ServerState, firsts: list[str], seconds: list[str]) -> tuple[list[float], list[list[int]]]:
+    """The score of each (firsts[i], seconds[i]) and the prompts that were run."""
+    if not state.engine.cross_encoder:
+        prompts = _token_prompts(state, firsts + seconds)
+        return _pairwise_scores(await _embed(state, prompts), len(firsts)), prompts
+    pairs = [state.tokenizer(first, second) for first, second in zip(firsts, seconds, strict=True)]
+    for pair in pairs:
+        state.check_prompt_length(len(pair["input_ids"]), "text_2")
+    timer = state.metrics.request_timer()
+    results = await asyncio.gather(
+        *(state.engine.embed(pair["input_ids"], pair.get("token_type_ids")) for pair in pairs)
+    )
+    timer.finished("stop")
+    if len(results[0]) != 1:
+        raise APIError(400, f"this classifier has {len(results[0])} labels; scores need a one-label cross-encoder.")
+    return [r[0] for r in results], [pair["input_ids"] for pair in pairs]
 
 
 def _token_prompts(state: ServerState, inputs: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
