@@ -30,6 +30,7 @@ import httpx
 import psutil
 
 from vdeploy.backends import BackendUnavailable, replica_command, replica_env
+from vdeploy.logfiles import rotate_if_large
 from vdeploy.rollout import RolloutFailed, roll_out, root_cause
 from vdeploy.router import Backend, PortInUse, Router, bind, serve
 from vdeploy.state import Deployment
@@ -45,6 +46,7 @@ MAX_BACKOFF_S = 60.0
 CRASH_LOOP_AFTER = 3  # consecutive crashes within STABLE_AFTER_S of their start
 STOP_GRACE_S = 10.0  # SIGTERM, then SIGKILL after this long
 DRAIN_TIMEOUT_S = 60.0
+ROTATE_EVERY_S = 10.0
 
 _PR_SET_PDEATHSIG = 1
 # How an engine reports its start-up phases in its log: vdeploy_engine.progress writes one line per event, this mark
@@ -251,6 +253,7 @@ class Supervisor:
         self._stopping = asyncio.Event()
         self._health = httpx.AsyncClient()
         self._last_status: dict[str, Any] | None = None
+        self._next_rotation = 0.0
 
     # Replicas.
     def create_replicas(
@@ -350,6 +353,18 @@ class Supervisor:
         self._watch_exits()
         await self._check_health()
         self._watch_phases()
+        self._rotate_logs()
+
+    def _rotate_logs(self) -> None:
+        """Keep each log under logfiles.MAX_BYTES (checked every ROTATE_EVERY_S)."""
+        now = time.monotonic()
+        if now < self._next_rotation:
+            return
+        self._next_rotation = now + ROTATE_EVERY_S
+        rotate_if_large(self.deployment.supervisor_log)
+        for replica in self.replicas:
+            if rotate_if_large(replica.log_path):
+                replica.log_offset = 0  # this attempt's output now starts at the top of the emptied file
 
     def _watch_phases(self) -> None:
         """Starting replicas' progress into the status file, where `apply` shows it."""
