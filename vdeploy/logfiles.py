@@ -7,6 +7,8 @@ place; the replica's appends land at the new end. A line written between the cop
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import re
 import shutil
@@ -56,3 +58,15 @@ def lines_since(lines: Iterator[str], since: datetime) -> Iterator[str]:
             started = started or stamp >= since
         if started:
             yield line
+
+
+class JsonLines(logging.Formatter):
+    """VDEPLOY_LOG_FORMAT=json: one JSON object a line for log collectors. The engine's twin is in
+    vdeploy_engine/server/launch.py (the two share no code but the EngineConfig contract); keep their keys equal."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname,
+                 "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)

@@ -30,7 +30,7 @@ import httpx
 import psutil
 
 from vdeploy.backends import BackendUnavailable, replica_command, replica_env
-from vdeploy.logfiles import rotate_if_large
+from vdeploy.logfiles import JsonLines, rotate_if_large
 from vdeploy.rollout import RolloutFailed, roll_out, root_cause
 from vdeploy.router import Backend, PortInUse, Router, bind, serve
 from vdeploy.state import Deployment
@@ -561,7 +561,10 @@ def start_detached(deployment: Deployment, timeout: float = 30.0) -> int:
 
 
 def run_foreground(deployment: Deployment) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    handler = logging.StreamHandler()
+    text = logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s")
+    handler.setFormatter(JsonLines() if os.environ.get("VDEPLOY_LOG_FORMAT") == "json" else text)
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health probe otherwise
     return asyncio.run(Supervisor(deployment).run())
 

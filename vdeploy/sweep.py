@@ -118,12 +118,12 @@ def sweep(recipe: Recipe, key: tuple[str, ...], values: list[Any], file: str) ->
         error = _first_error(diagnostics)
         row = SweepRow(value, error is None, error=error)
         if plan is not None:
-            engine = plan.engine
-            row.max_model_len, row.max_num_seqs = engine.max_model_len, engine.max_num_seqs
-            row.tensor_parallel_size = engine.tensor_parallel_size
-            if plan.memory is not None:
-                m = plan.memory
-                row.kv_tokens, row.kv_cache_bytes, row.max_concurrency = m.kv_tokens, m.kv_cache_bytes, m.max_concurrency
+            engine, m = plan.engine, plan.memory
+            row.max_model_len, row.tensor_parallel_size = engine.max_model_len, engine.tensor_parallel_size
+            if m is not None:  # what the budget leaves for the KV cache, fitting or not
+                row.kv_tokens, row.kv_cache_bytes = m.kv_tokens, m.kv_cache_bytes
+            if error is None:  # the batch a failed compile settled on means nothing
+                row.max_num_seqs, row.max_concurrency = engine.max_num_seqs, m.max_concurrency if m else None
         rows.append(row)
     return rows
 

@@ -78,7 +78,9 @@ def serve(config: EngineConfig, api_key: str | None = None, trust_request_chat_t
     _log_capacity(config, engine)
     progress.phase("serving", port=config.port)  # the HTTP server starts; /health answers once it listens
     app = build_app(config, engine, api_key, trust_request_chat_template)
-    uvicorn.run(app, host=config.host, port=config.port, log_level="info")
+    # JSON logs: uvicorn's loggers go through the root handler above instead of its own text format.
+    uvicorn.run(app, host=config.host, port=config.port, log_level="info", log_config=None if json_logs() else
+                uvicorn.config.LOGGING_CONFIG)
     if fatal:
         print(f"EngineDeadError: {type(fatal[0]).__name__}: {fatal[0]}", file=sys.stderr, flush=True)
         return 1
@@ -116,8 +118,22 @@ def _log_capacity(config: EngineConfig, engine: Any) -> None:
 
 def _configure_logging() -> None:
     if not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=os.environ.get("VDEPLOY_LOG_LEVEL", "INFO"),
-            stream=sys.stderr,
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        )
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JsonLines() if json_logs() else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.basicConfig(level=os.environ.get("VDEPLOY_LOG_LEVEL", "INFO"), handlers=[handler])
+
+
+def json_logs() -> bool:
+    return os.environ.get("VDEPLOY_LOG_FORMAT") == "json"
+
+
+class JsonLines(logging.Formatter):
+    """VDEPLOY_LOG_FORMAT=json: one JSON object a line for log collectors. vdeploy/logfiles.py has the supervisor's
+    twin (the engine and the control plane share no code but the EngineConfig contract)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname,
+                 "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)

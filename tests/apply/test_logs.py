@@ -56,3 +56,36 @@ def test_logs_since_and_tail_read_through_rotated_copies(state_dir: Path, capsys
     assert capsys.readouterr().out.splitlines()[0] == "old detail"  # the rotated copy's end comes first
     assert main(["logs", "demo", "--since", "yesterday-ish"]) == 1
     assert "neither a duration" in capsys.readouterr().err
+
+
+ENGINE_LOGS = """
+import logging
+from vdeploy_engine.server.launch import _configure_logging
+_configure_logging()
+logging.getLogger("vdeploy_engine.server").info("KV cache: %d blocks", 12)
+"""
+SUPERVISOR_LOGS = """
+import logging
+from vdeploy.logfiles import JsonLines
+handler = logging.StreamHandler()
+handler.setFormatter(JsonLines())
+logging.basicConfig(level=logging.INFO, handlers=[handler])
+logging.getLogger("vdeploy.supervisor").info("revision %d serving", 3)
+"""
+
+
+def test_json_log_format_for_the_engine_and_the_supervisor(tmp_path: Path) -> None:
+    import json
+    import os
+
+    from vdeploy.logfiles import lines_since
+
+    env = {**os.environ, "VDEPLOY_LOG_FORMAT": "json"}
+    lines = []
+    for code in (ENGINE_LOGS, SUPERVISOR_LOGS):
+        result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+        lines.append(result.stderr.strip())
+    engine, supervisor = (json.loads(line) for line in lines)
+    assert set(engine) == set(supervisor) == {"time", "level", "logger", "message"}
+    assert (engine["message"], supervisor["message"]) == ("KV cache: 12 blocks", "revision 3 serving")
+    assert list(lines_since(iter(lines), datetime.now() - timedelta(minutes=1))) == lines  # --since reads them
