@@ -91,6 +91,8 @@ class AsyncEngine:
         self._raise_if_dead()
         text, token_ids = self.engine.check_prompt(prompt)
         self.check_params(params)
+        if params.structured_outputs is not None:  # compiled here, on a worker thread, not in the engine loop
+            await asyncio.to_thread(self.engine.structured_outputs.compile, params.structured_outputs)
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         outputs: asyncio.Queue = asyncio.Queue()

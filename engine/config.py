@@ -20,6 +20,8 @@ Device = Literal["cuda", "cpu"]
 
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.9  # vLLM's default
 DEFAULT_MAX_MODEL_LEN = 2048  # when nothing says more: no plan, or a model whose positions are unknown
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral")  # vdeploy_engine/server/tools.py implements each
+
 MAX_GRAPH_BATCH = 512  # the largest decode batch captured; bigger batches run eagerly (as in vLLM)
 
 
@@ -106,6 +108,8 @@ class EngineConfig:
     port: int = 8000
     api_key_env: str | None = None  # name of the environment variable holding the API key
     chat_template: str | None = None  # a path or an inline Jinja template; None = the model's own
+    enable_auto_tool_choice: bool = False  # tool_choice "auto": the parser finds calls in the model's text
+    tool_call_parser: str | None = None  # one of TOOL_CALL_PARSERS: the model family's tool call format
 
     # The compiler's memory prediction, logged next to what the engine measures. None when the engine was started
     # without a plan.
@@ -128,6 +132,16 @@ class EngineConfig:
             ("swap_space", self.swap_space >= 0, "must be >= 0 GiB"),
             ("cpu_offload_gb", self.cpu_offload_gb >= 0, "must be >= 0 GiB"),
             ("port", 0 <= self.port <= 65535, "must be a TCP port (0-65535)"),
+            (
+                "tool_call_parser",
+                self.tool_call_parser in (None, *TOOL_CALL_PARSERS),
+                f"must be one of {', '.join(TOOL_CALL_PARSERS)}, got {self.tool_call_parser!r}",
+            ),
+            (
+                "enable_auto_tool_choice",
+                not self.enable_auto_tool_choice or self.tool_call_parser is not None,
+                "needs tool_call_parser (--tool-call-parser)",
+            ),
         ]
         if self.kv_cache_memory_bytes is not None:
             checks.append(("kv_cache_memory_bytes", self.kv_cache_memory_bytes > 0, "must be > 0"))

@@ -3,6 +3,7 @@ request bodies before touching the engine."""
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -19,6 +20,41 @@ class SamplingParamsError(ValueError):
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
         self.field = field
+
+
+@dataclass(frozen=True)
+class StructuredOutputs:
+    """vLLM's StructuredOutputsParams: exactly one constraint on the output, enforced by token masks (the engine's
+    grammar library is xgrammar). `grammar` is EBNF in xgrammar's (GBNF-like) syntax."""
+
+    json: str | dict | None = None  # a JSON schema (object or its text)
+    regex: str | None = None
+    choice: list[str] | None = None  # the output is exactly one of these strings
+    grammar: str | None = None
+    json_object: bool = False  # any JSON object
+
+    def __post_init__(self) -> None:
+        given = [n for n in ("json", "regex", "choice", "grammar") if getattr(self, n) is not None] + (
+            ["json_object"] if self.json_object else []
+        )
+        if len(given) != 1:
+            found = ", ".join(given) or "none"
+            raise SamplingParamsError("structured_outputs", f"give exactly one constraint, got {found}")
+        if self.choice is not None and (not self.choice or not all(isinstance(c, str) for c in self.choice)):
+            raise SamplingParamsError("structured_outputs", "choice must be a non-empty list of strings")
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """(kind, text): what identifies the compiled grammar."""
+        if self.json is not None:
+            text = self.json if isinstance(self.json, str) else json.dumps(self.json)
+            return "json", text
+        if self.choice is not None:
+            return "choice", json.dumps(self.choice)
+        for kind in ("regex", "grammar"):
+            if getattr(self, kind) is not None:
+                return kind, getattr(self, kind)
+        return "json_object", ""
 
 
 @dataclass
@@ -39,6 +75,7 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None  # number of top logprobs per generated token (plus the sampled one)
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputs | None = None
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -89,8 +126,8 @@ class SamplingParams:
     @property
     def argmax_only(self) -> bool:
         """The next token is the argmax of the raw logits: greedy, no logprobs, no penalties (what a decode graph
-        computes by itself)."""
-        return self.greedy and self.logprobs is None and not self.has_penalties
+        computes by itself, no token mask)."""
+        return self.greedy and self.logprobs is None and not self.has_penalties and self.structured_outputs is None
 
     @property
     def has_penalties(self) -> bool:

@@ -98,6 +98,7 @@ class _Compiler:
             enable_prefix_caching=r.runtime.enable_prefix_caching,
             enable_chunked_prefill=r.runtime.enable_chunked_prefill, seed=r.runtime.seed, host=r.server.host,
             port=r.server.port, api_key_env=r.server.api_key_env, chat_template=r.server.chat_template,
+            enable_auto_tool_choice=r.server.enable_auto_tool_choice, tool_call_parser=r.server.tool_call_parser,
             predicted_memory=budget,
             **self.settings,
         )

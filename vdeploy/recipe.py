@@ -59,6 +59,10 @@ class Server(Section):
     port: Annotated[int, Field(ge=1, le=65535)] = 8000
     api_key_env: EnvName | None = Field(None, description="name of the environment variable holding the API key")
     chat_template: str | None = None
+    enable_auto_tool_choice: bool = Field(False, description="tool_choice auto: the model calls tools on its own")
+    tool_call_parser: Literal["hermes", "llama3_json", "mistral"] | None = Field(
+        None, description="the model family's tool call format (hermes: Qwen2.5; llama3_json; mistral)"
+    )
 
 
 class Health(Section):

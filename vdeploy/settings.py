@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from vdeploy_engine.config import DEFAULT_GPU_MEMORY_UTILIZATION
+from vdeploy_engine.config import DEFAULT_GPU_MEMORY_UTILIZATION, TOOL_CALL_PARSERS
 
 Kind = Literal["str", "int", "float", "bool", "switch"]  # switch: --flag / --no-flag (vLLM's BooleanOptionalAction)
 
@@ -80,6 +80,10 @@ SETTINGS: tuple[Setting, ...] = (
     _s("api_key_env", "server", "--api-key-env", help="environment variable that holds the API key", vllm=False,
        why="vLLM reads the key from --api-key or VLLM_API_KEY; the renderer sets the variable instead"),
     _s("chat_template", "server", "--chat-template", help="a Jinja chat template file or inline template"),
+    _s("enable_auto_tool_choice", "server", "--enable-auto-tool-choice", "bool",
+       "tool_choice auto: the model calls tools on its own (needs --tool-call-parser)"),
+    _s("tool_call_parser", "server", "--tool-call-parser", help="the model family's tool call format",
+       choices=TOOL_CALL_PARSERS),
 )
 
 # Recipe fields that only the control plane reads: no EngineConfig field and no serve flag.

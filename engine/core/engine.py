@@ -10,8 +10,11 @@ out of memory) propagates as it is: the device state is then unknown and the pro
 
 from __future__ import annotations
 
+import functools
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,6 +99,8 @@ class LLMEngine:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self._in_flight: _InFlight | None = None  # a decode step launched ahead, its tokens not yet taken
+        self._structured_outputs: Any = None  # StructuredOutputManager, made for the first constrained request
+        self._structured_lock = threading.Lock()
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:
@@ -148,6 +153,8 @@ class LLMEngine:
         if prompt_token_ids is None:
             prompt, prompt_token_ids = self.check_prompt(prompt)
         self.check_params(params)
+        if params.structured_outputs is not None:
+            self.structured_outputs.compile(params.structured_outputs)  # cached; raises on an invalid constraint
         request = Request(request_id, prompt, prompt_token_ids, params, self.tokenizer, arrival_time)
         self.requests[request_id] = request
         self.scheduler.add(request.seqs[0])
@@ -194,13 +201,45 @@ class LLMEngine:
         sampling = [seq for seq, n in step.scheduled if seq.num_computed_tokens + n == seq.num_tokens]
         if self._in_flight is not None or self._may_run_ahead(step, sampling):
             return self._run_ahead(step, sampling)
+        masks = self._start_token_masks(sampling)  # computed while the forward pass runs
         logits = self.runner.execute(step, sampling)
         self.scheduler.update(step)
         sample_seqs, rows = self._fork_new_completions(sampling)
         if len(rows) != len(sampling):  # forked children read their parent's row
             logits = logits[rows]
-        out = self.runner.sample(logits, sample_seqs, [self._early_stop_ids(s) for s in sample_seqs])
+        apply_masks = None
+        if masks is not None:
+            bitmask = masks.result()[rows]  # a forked child starts in its parent's grammar state
+            constrained = [i for i, seq in enumerate(sample_seqs) if seq.request.params.structured_outputs]
+            apply_masks = functools.partial(self.structured_outputs.apply, bitmask=bitmask, rows=constrained)
+        out = self.runner.sample(logits, sample_seqs, [self._early_stop_ids(s) for s in sample_seqs], apply_masks)
         return self._take_samples(sample_seqs, out.token_ids, out.logprobs)
+
+    # -- structured outputs --------------------------------------------------------------------------------------
+
+    @property
+    def structured_outputs(self) -> Any:
+        """The StructuredOutputManager (its tokenizer tables take seconds to build: made on first use, once)."""
+        with self._structured_lock:
+            if self._structured_outputs is None:
+                from vdeploy_engine.structured_output import StructuredOutputManager
+
+                config = getattr(self.runner.model, "config", None)
+                vocab = getattr(config, "vocab_size", None) or len(self.tokenizer)
+                self._structured_outputs = StructuredOutputManager(self.tokenizer, vocab, self.eos_token_ids)
+            return self._structured_outputs
+
+    def _grammar(self, seq: Sequence) -> Any:
+        if seq.grammar is None:
+            seq.grammar = self.structured_outputs.matcher(seq.request.params.structured_outputs)
+        return seq.grammar
+
+    def _start_token_masks(self, sampling: list[Sequence]) -> Future | None:
+        """The token masks of this step's constrained rows, computed on a worker thread; None when none is."""
+        if not any(seq.request.params.structured_outputs for seq in sampling):
+            return None
+        matchers = [self._grammar(seq) if seq.request.params.structured_outputs else None for seq in sampling]
+        return self.structured_outputs.start_masks(matchers)
 
     def _take_samples(
         self, seqs: list[Sequence], token_ids: list[int], logprobs: list[list[tuple[int, float, int]] | None]
@@ -307,6 +346,8 @@ class LLMEngine:
     def _append(self, seq: Sequence, token: int, logprobs: list[tuple[int, float, int]] | None) -> None:
         params = seq.request.params
         seq.token_ids.append(token)
+        if params.structured_outputs is not None:
+            self._grammar(seq).accept_token(token)
         if logprobs is not None:
             seq.logprobs.append({t: Logprob(lp, rank, self.tokenizer.decode([t])) for t, lp, rank in logprobs})
             seq.cumulative_logprob += logprobs[0][1]

@@ -38,6 +38,7 @@ class Sequence:
         self.block_table: list[int] = []  # GPU block ids, or CPU block ids while swapped out
         self.block_hashes: list[int] = []  # chained hashes of the full blocks computed so far (prefix caching)
         self.generator: Any = None  # torch.Generator for seeded sampling; set by the sampler on first use
+        self.grammar: Any = None  # the structured-output matcher (its own state); made by the engine on first use
         self.detokenizer = detokenizer
         self.text = ""
         self.logprobs: SampleLogprobs | None = [] if request.params.logprobs is not None else None

@@ -3,7 +3,8 @@
 Starts one engine replica: loads the model, starts the engine loop, then serves HTTP (so `GET /health` answers 200
 only once both are up). Start-up decisions and measurements go to stderr; a fatal start-up error ends with one line
 `EngineStartupError: <why>` and exit status 1, which the supervisor reports as the replica's root cause.
-The API key comes from --api-key, else from the environment variable the config's `api_key_env` names.
+The API key comes from --api-key, else from the environment variable the config's `api_key_env` names, else from
+VLLM_API_KEY (as vLLM).
 """
 
 from __future__ import annotations

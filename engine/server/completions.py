@@ -20,7 +20,7 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 
 from vdeploy_engine.outputs import CompletionOutput, Logprob, RequestOutput
-from vdeploy_engine.sampling_params import SamplingParams, SamplingParamsError
+from vdeploy_engine.sampling_params import SamplingParams, SamplingParamsError, StructuredOutputs
 from vdeploy_engine.server.protocol import (
     ChatChoice,
     ChatCompletionChunk,
@@ -41,6 +41,7 @@ from vdeploy_engine.server.protocol import (
     random_id,
 )
 from vdeploy_engine.server.state import APIError, ServerState, error_body, server_state
+from vdeploy_engine.server.tools import ToolCallStream, tool_mode
 
 router = APIRouter()
 logger = logging.getLogger("vdeploy_engine.server")
@@ -72,8 +73,9 @@ async def create_completion(
     if body.echo and body.logprobs is not None:
         raise APIError(400, "echo together with logprobs is not supported.", "echo")
     request_id = random_id("cmpl")
+    constraint = _constraint(body)
     jobs = [
-        _Job.create(state, f"{request_id}-{i}", ids, body, body.max_tokens, body.logprobs, "prompt")
+        _Job.create(state, f"{request_id}-{i}", ids, body, body.max_tokens, body.logprobs, "prompt", constraint)
         for i, ids in enumerate(_completion_prompts(state, body.prompt))
     ]
     prefixes = [state.tokenizer.decode(job.prompt_ids) if body.echo else "" for job in jobs]
@@ -104,38 +106,59 @@ async def create_chat_completion(
     state.check_model(body.model)
     state.require_runner("generate", "Chat Completions")
     request_id = random_id("chatcmpl")
-    prompt_ids = await state.chat_prompt(body.messages, body.add_generation_prompt, body.chat_template_kwargs)
+    try:
+        mode = tool_mode(body, state.config.enable_auto_tool_choice, state.config.tool_call_parser)
+    except ValueError as error:
+        raise APIError(400, str(error), "tool_choice") from error
+    constraint = _constraint(body)
+    if mode.constraint is not None:
+        if constraint is not None:
+            raise APIError(400, f"tool_choice {mode.kind!r} cannot be combined with another constraint.", "tool_choice")
+        constraint = mode.constraint
+    tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tools else None
+    prompt_ids = await state.chat_prompt(body.messages, body.add_generation_prompt, body.chat_template_kwargs, tools)
     top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
     max_tokens = body.max_completion_tokens or body.max_tokens
-    jobs = [_Job.create(state, request_id, prompt_ids, body, max_tokens, top_logprobs, "messages")]
+    keep_special = mode.parser is not None and mode.parser.keeps_special_tokens
+    job = _Job.create(
+        state, request_id, prompt_ids, body, max_tokens, top_logprobs, "messages", constraint, keep_special
+    )
 
     def logprobs(delta: _Delta) -> ChatLogprobs | None:
         return None if top_logprobs is None else _chat_logprobs(state, delta, top_logprobs)
 
     if body.stream:
         created = int(time.time())
+        calls = [ToolCallStream(mode) for _ in range(body.n)]
 
-        def choice(_: int, delta: _Delta) -> ChatStreamChoice:
-            message = DeltaMessage(role="assistant" if delta.first else None, content=delta.text)
+        def choice(_: int, delta: _Delta) -> ChatStreamChoice | None:
+            content, tool_calls, finish_reason = calls[delta.index].delta(delta.text, delta.finish_reason)
+            if not (delta.first or content or tool_calls or finish_reason or top_logprobs is not None):
+                return None  # text held back until the parser knows whether it is content
+            message = DeltaMessage(
+                role="assistant" if delta.first else None, content=content or "", tool_calls=tool_calls
+            )
             return ChatStreamChoice(
-                index=delta.index, delta=message, logprobs=logprobs(delta), finish_reason=delta.finish_reason
+                index=delta.index, delta=message, logprobs=logprobs(delta), finish_reason=finish_reason
             )
 
         envelope = ChatCompletionChunk(id=request_id, created=created, model=state.model_name, choices=[])
-        return _sse(_stream(jobs, body.n, choice, envelope, _include_usage(body)))
-    finals = await _until_disconnected(raw, _final_outputs(jobs))
+        return _sse(_stream([job], body.n, choice, envelope, _include_usage(body)))
+    finals = await _until_disconnected(raw, _final_outputs([job]))
     if finals is None:
         return Response(status_code=499)
-    choices = [
-        ChatChoice(
-            index=o.index,
-            message=ChatResponseMessage(content=o.text),
-            logprobs=logprobs(_Delta.whole(0, o, body.n)),
-            finish_reason=o.finish_reason,
+    choices = []
+    for o in finals[0].outputs:
+        content, tool_calls = mode.calls(o.text)
+        choices.append(
+            ChatChoice(
+                index=o.index,
+                message=ChatResponseMessage(content=content, tool_calls=tool_calls),
+                logprobs=logprobs(_Delta.whole(0, o, body.n)),
+                finish_reason=mode.finish_reason(tool_calls, o.finish_reason),
+            )
         )
-        for o in finals[0].outputs
-    ]
-    return ChatCompletionResponse(id=request_id, model=state.model_name, choices=choices, usage=_usage(jobs, finals))
+    return ChatCompletionResponse(id=request_id, model=state.model_name, choices=choices, usage=_usage([job], finals))
 
 
 # ---------------------------------------------------------------------------------------------------- engine requests
@@ -160,11 +183,15 @@ class _Job:
         max_tokens: int | None,
         logprobs: int | None,
         prompt_param: str,
+        constraint: StructuredOutputs | None = None,
+        keep_special_tokens: bool = False,
     ) -> _Job:
         values = {name: getattr(body, name) for name in _SAMPLING_FIELDS if getattr(body, name) is not None}
+        if keep_special_tokens:
+            values["skip_special_tokens"] = False
         max_tokens = state.resolve_max_tokens(len(prompt_ids), max_tokens, prompt_param)
         try:
-            params = SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **values)
+            params = SamplingParams(max_tokens=max_tokens, logprobs=logprobs, structured_outputs=constraint, **values)
             state.engine.check_params(params)  # what the model bounds: token ids within its vocabulary
         except SamplingParamsError as error:
             raise APIError(400, str(error), error.field) from error
@@ -304,12 +331,12 @@ class _Progress:
 async def _stream(
     jobs: list[_Job],
     n: int,
-    make_choice: Callable[[int, _Delta], BaseModel],
+    make_choice: Callable[[int, _Delta], BaseModel | None],
     envelope: CompletionResponse | ChatCompletionChunk,
     include_usage: bool,
 ) -> AsyncIterator[str]:
-    """SSE events: one chunk per choice that gained text, then the usage chunk if asked for, then [DONE]. Every chunk
-    is `envelope` (id, model, created: the same for the whole stream) around its choices, so the envelope is
+    """SSE events: one chunk per choice that gained text (unless make_choice holds it back: None), then the usage
+    chunk if asked for, then [DONE]. Every chunk is `envelope` (id, model, created: the same for the whole stream) around its choices, so the envelope is
     serialised once and each event serialises only its choice."""
     head, _, tail = _event(envelope).partition('"choices":[]')
     head, tail = head + '"choices":[', "]" + tail
@@ -320,8 +347,9 @@ async def _stream(
                 finals[job_index] = output
                 for completion in output.outputs:
                     delta = progress.delta(job_index * n + completion.index, completion)
-                    if delta is not None:
-                        yield head + make_choice(job_index, delta).model_dump_json(exclude_none=True) + tail
+                    choice = None if delta is None else make_choice(job_index, delta)
+                    if choice is not None:
+                        yield head + choice.model_dump_json(exclude_none=True) + tail
         if include_usage:
             yield _event(envelope.model_copy(update={"usage": _usage(jobs, finals)}))
     except ValueError as error:  # the engine refused the request after the stream began
@@ -345,6 +373,13 @@ def _include_usage(body: SamplingRequest) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
+
+
+def _constraint(body: SamplingRequest) -> StructuredOutputs | None:
+    try:
+        return body.constraint()
+    except SamplingParamsError as error:
+        raise APIError(400, str(error), error.field) from error
 
 
 def _completion_prompts(state: ServerState, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:

@@ -25,9 +25,10 @@ class EngineStartupError(Exception):
 
 
 def api_key_from_env(config: EngineConfig) -> str | None:
-    """The key in the environment variable the config's `api_key_env` names (None when it names none)."""
+    """The key in the environment variable the config's `api_key_env` names; without one, VLLM_API_KEY's, as
+    `vllm serve` reads it (None when that is unset or empty)."""
     if config.api_key_env is None:
-        return None
+        return os.environ.get("VLLM_API_KEY") or None
     key = os.environ.get(config.api_key_env)
     if not key:
         raise EngineStartupError(f"api_key_env names {config.api_key_env}, but that environment variable is not set")

@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from vdeploy_engine.sampling_params import SamplingParamsError, StructuredOutputs
+
 logger = logging.getLogger("vdeploy_engine.server")
 
 
@@ -70,6 +72,58 @@ class SamplingRequest(Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # Structured outputs: OpenAI's response_format, vLLM's structured_outputs and its older guided_* fields.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsRequest | None = None
+    guided_json: str | dict | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    def constraint(self) -> StructuredOutputs | None:
+        """The one structured-output constraint the request asks for (None: free text)."""
+        given: dict[str, StructuredOutputs] = {}
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_object":
+            given["response_format"] = StructuredOutputs(json_object=True)
+        elif fmt is not None and fmt.type == "json_schema":
+            if fmt.json_schema is None:
+                raise SamplingParamsError("response_format", "type json_schema needs a json_schema")
+            given["response_format"] = StructuredOutputs(json=fmt.json_schema.json_schema or {"type": "object"})
+        if self.structured_outputs is not None:
+            given["structured_outputs"] = StructuredOutputs(**self.structured_outputs.model_dump(exclude_none=True))
+        for name in ("json", "regex", "choice", "grammar"):
+            value = getattr(self, f"guided_{name}")
+            if value is not None:
+                given[f"guided_{name}"] = StructuredOutputs(**{name: value})
+        if len(given) > 1:
+            raise SamplingParamsError(sorted(given)[1], f"give one structured-output constraint, got {sorted(given)}")
+        return next(iter(given.values()), None)
+
+
+class JsonSchemaFormat(Tolerant):
+    name: str = "response"
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(Tolerant):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsRequest(Tolerant):
+    """vLLM's `structured_outputs` request field: one of these."""
+
+    json_: str | dict | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def model_dump(self, **kwargs: Any) -> dict[str, Any]:
+        return super().model_dump(by_alias=True, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------- completions
@@ -133,8 +187,32 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
+class FunctionDefinition(Tolerant):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(Tolerant):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class FunctionName(Tolerant):
+    name: str
+
+
+class NamedToolChoice(Tolerant):
+    type: Literal["function"] = "function"
+    function: FunctionName
+
+
 class ChatCompletionRequest(SamplingRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False
@@ -163,9 +241,33 @@ class ChatLogprobs(BaseModel):
     content: list[ChatLogprobContent] | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(BaseModel):
+    id: str = Field(default_factory=lambda: random_id("chatcmpl-tool"))
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatChoice(BaseModel):
@@ -187,6 +289,7 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatStreamChoice(BaseModel):

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from vdeploy_engine.config import EngineConfig
 from vdeploy_engine.server.metrics import ServerMetrics
 from vdeploy_engine.server.protocol import ChatMessage, ErrorInfo, ErrorResponse
+from vdeploy_engine.server.tools import template_messages
 
 _ERROR_TYPES = {
     400: "BadRequestError",
@@ -110,10 +111,15 @@ class ServerState:
         return max_tokens
 
     async def chat_prompt(
-        self, messages: list[ChatMessage], add_generation_prompt: bool, template_kwargs: dict | None = None
+        self,
+        messages: list[ChatMessage],
+        add_generation_prompt: bool,
+        template_kwargs: dict | None = None,
+        tools: list[dict] | None = None,
     ) -> list[int]:
-        """Token ids of `messages` rendered through the model's chat template (or the configured one), off the event
-        loop and within CHAT_TEMPLATE_TIME_LIMIT_S. A template of the request's own is refused unless trusted."""
+        """Token ids of `messages` (and `tools`, for templates that show them) rendered through the model's chat
+        template (or the configured one), off the event loop and within CHAT_TEMPLATE_TIME_LIMIT_S. A template of
+        the request's own is refused unless trusted."""
         template_kwargs = template_kwargs or {}
         if "chat_template" in template_kwargs and not self.trust_request_chat_template:
             raise APIError(
@@ -123,11 +129,15 @@ class ServerState:
             )
         if not getattr(self.tokenizer, "chat_template", None) and "chat_template" not in template_kwargs:
             raise APIError(400, "The model has no chat template; start the server with --chat-template.", "messages")
-        conversation = [m.model_dump(exclude_none=True) | {"content": m.text()} for m in messages]
+        conversation = template_messages([m.model_dump(exclude_none=True) | {"content": m.text()} for m in messages])
 
         def render() -> str:
             return self.tokenizer.apply_chat_template(
-                conversation, add_generation_prompt=add_generation_prompt, tokenize=False, **template_kwargs
+                conversation,
+                tools=tools,
+                add_generation_prompt=add_generation_prompt,
+                tokenize=False,
+                **template_kwargs,
             )
 
         try:

@@ -228,12 +228,18 @@ class ModelRunner:
 
         return tokens
 
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence], stop_ids: list[set[int]]) -> SamplerOutput:
+    def sample(
+        self,
+        logits: torch.Tensor,
+        seqs: list[Sequence],
+        stop_ids: list[set[int]],
+        apply_token_masks: Callable[[torch.Tensor], None] | None = None,
+    ) -> SamplerOutput:
         """The graph already took the argmax of its logits: a batch of plain greedy rows only copies it back."""
         if logits is self._graph_logits and not any(stop_ids) and all(seq.request.params.argmax_only for seq in seqs):
             return SamplerOutput(self.graphs.tokens[: len(seqs)].tolist(), [None] * len(seqs))
         with torch.inference_mode():
-            return self.sampler(logits, seqs, stop_ids)
+            return self.sampler(logits, seqs, stop_ids, apply_token_masks)
 
     def _prepare_decode(self, scheduled: list[tuple[Sequence, int]]) -> None:
         """Fills the pinned host mirrors of the decode buffers row by row (no tensor ops: this runs every step) and

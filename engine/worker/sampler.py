@@ -1,7 +1,7 @@
 """Turns one logits row per sequence into the next token, following each sequence's SamplingParams (vLLM semantics).
 
-Order: logprobs are taken from the raw logits (as vLLM's default `raw_logprobs`); then min_tokens masking of EOS and
-stop token ids, penalties, greedy argmax or temperature / top-k / top-p / min-p and a draw. A draw is an argmax of
+Order: structured-output token masks (so logprobs show the constraint, as in vLLM); logprobs from those logits (as
+vLLM's default `raw_logprobs`); then min_tokens masking of EOS and stop token ids, penalties, greedy argmax or temperature / top-k / top-p / min-p and a draw. A draw is an argmax of
 probs / Exp(1) noise (the Gumbel-max trick): a seeded request takes its noise from its own generator, so its tokens do
 not depend on what else is in the batch. Work is batched across rows; per-row Python runs only for the rows that use
 penalties or a seed.
@@ -9,6 +9,7 @@ penalties or a seed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -28,10 +29,19 @@ class Sampler:
         self.device = device
         self.generator = torch.Generator(device).manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence], stop_ids: list[set[int]]) -> SamplerOutput:
-        """logits [N, V] for seqs[i]; stop_ids[i] are token ids seqs[i] may not sample yet (min_tokens)."""
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        seqs: list[Sequence],
+        stop_ids: list[set[int]],
+        apply_token_masks: Callable[[torch.Tensor], None] | None = None,
+    ) -> SamplerOutput:
+        """logits [N, V] for seqs[i]; stop_ids[i] are token ids seqs[i] may not sample yet (min_tokens);
+        apply_token_masks sets the logits of tokens a grammar forbids to -inf, in place (float32 logits)."""
         params = [seq.request.params for seq in seqs]
         logits = logits.float()
+        if apply_token_masks is not None:
+            apply_token_masks(logits)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(p.logprobs is not None for p in params) else None
         logits = self._mask_early_stops(logits, stop_ids)
         for i, seq in enumerate(seqs):
