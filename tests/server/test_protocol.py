@@ -28,3 +28,10 @@ def test_known_fields_keep_their_types():
     assert caught.value.errors()[0]["loc"] == ("temperature",)
     with pytest.raises(ValidationError):
         ChatCompletionRequest.model_validate({"messages": HELLO, "n": 0})
+
+
+def test_prompt_logprobs_is_refused_by_name_rather_than_ignored():
+    with pytest.raises(ValidationError) as caught:
+        CompletionRequest.model_validate({"prompt": "Hi", "prompt_logprobs": 1})
+    assert caught.value.errors()[0]["loc"] == ("prompt_logprobs",)
+    assert CompletionRequest.model_validate({"prompt": "Hi", "prompt_logprobs": None}).prompt_logprobs is None
