@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -225,14 +226,16 @@ def test_killed_replica_is_restarted(world: World) -> None:
 def test_rollout_undo_and_history(world: World) -> None:
     history = world.vdeploy("rollout", "history", NAME)
     assert history.returncode == 0 and "(serving)" in history.stdout
+    undone_at = datetime.now().replace(microsecond=0)
     assert world.vdeploy("rollout", "undo", NAME, "--to-revision", "1", "--no-wait").returncode == 0
     # As `kubectl rollout status`: it waits for the rollout to end, saying how far it got, and exits 0.
     result = world.vdeploy("rollout", "status", NAME, "--timeout", WAIT)
     assert result.returncode == 0, result.stderr
     assert f"{NAME}: revision 1 complete" in result.stdout
     assert world.status()["revision"] == 1
-    logs = world.vdeploy("logs", NAME, "--tail", "50")
-    assert logs.returncode == 0 and "start revision 1 replica 0" in logs.stdout
+    logs = world.vdeploy("logs", NAME, "--since", undone_at.isoformat())
+    assert logs.returncode == 0 and logs.stdout.startswith("--- vdeploy ") and "start revision 1 replica 0" in logs.stdout
+    assert "Application startup complete" in world.vdeploy("logs", NAME, "--tail", "200").stdout
 
 
 def test_supervisor_killed_mid_apply_then_next_apply_recovers(world: World) -> None:
