@@ -33,13 +33,16 @@ from vdeploy.backends import BackendUnavailable, replica_command, replica_env
 from vdeploy.logfiles import JsonLines, rotate_if_large
 from vdeploy.rollout import RolloutFailed, roll_out, root_cause
 from vdeploy.router import Backend, PortInUse, Router, bind, serve
+from vdeploy.secrets import EnvReferenceError
 from vdeploy.state import Deployment
 
 log = logging.getLogger("vdeploy.supervisor")
 
 TICK_S = 0.25
 # Health probes (the recipe's `health` section overrides these): starting replicas are probed every tick, ready ones
-# every `interval` s; `failure_threshold` failures in a row take a ready replica out of the router until it recovers.
+# every `interval` s. Readiness: `failure_threshold` failures in a row take a ready replica out of the router until
+# it recovers. Liveness: a replica still unhealthy `failure_threshold` x `interval` s later is restarted (an engine
+# that is alive but cannot serve does not heal by waiting).
 HEALTH_DEFAULTS = {"path": "/health", "interval": 10.0, "timeout": 5.0, "failure_threshold": 3}
 STABLE_AFTER_S = 60.0  # a replica up this long after a restart is no longer crash-looping
 MAX_BACKOFF_S = 60.0
@@ -139,7 +142,7 @@ class Replica:
     log_path: Path
     health: dict[str, Any] = field(default_factory=lambda: dict(HEALTH_DEFAULTS))
     process: subprocess.Popen | None = None
-    state: str = "starting"  # starting | ready | unhealthy | crashed | failed | stopping
+    state: str = "starting"  # starting | ready | unhealthy | restarting | crashed | failed | stopping
     restarts: int = 0
     quick_crashes: int = 0
     ever_ready: bool = False
@@ -150,7 +153,9 @@ class Replica:
     admitted: bool = False  # routed to during a rolling update, before its revision is the serving one
     next_health_at: float = 0.0
     health_failures: int = 0
+    unhealthy_since: float = 0.0
     last_error: str | None = None
+    last_error_at: float | None = None  # wall clock, so that status can show the newest error of all
     log_offset: int = 0
     phase: dict[str, Any] | None = None  # the engine's latest start-up event (pulling, loading, warming, serving)
     backend: Backend = field(init=False)
@@ -213,6 +218,16 @@ class Replica:
     def failure_reason(self) -> str:
         return root_cause(self.log_tail(), self.process.returncode if self.process else None)
 
+    def record_error(self, error: str) -> None:
+        self.last_error, self.last_error_at = error, time.time()
+
+    def schedule_restart(self, now: float) -> None:
+        """Restart after a backoff that doubles with each crash soon after a start (a crash loop)."""
+        self.quick_crashes = self.quick_crashes + 1 if now - self.started_at < STABLE_AFTER_S else 1
+        self.backoff_s = min(2.0 ** (self.quick_crashes - 1), MAX_BACKOFF_S)
+        self.state = "crashed"
+        self.restart_at = now + self.backoff_s
+
     def to_status(self) -> dict[str, Any]:
         pid = self.process.pid if self.process else None
         create_time = None
@@ -234,6 +249,7 @@ class Replica:
             "backoff_s": self.backoff_s,
             "last_error": self.last_error,
             "phase": self.phase,
+            "last_error_at": self.last_error_at,
             "log": str(self.log_path),
         }
 
@@ -254,6 +270,7 @@ class Supervisor:
         self._health = httpx.AsyncClient()
         self._last_status: dict[str, Any] | None = None
         self._next_rotation = 0.0
+        self._background: set[asyncio.Task] = set()  # replica restarts under way
 
     # Replicas.
     def create_replicas(
@@ -271,7 +288,8 @@ class Supervisor:
             port = free_port()
             try:
                 argv = replica_command(plan, plan_path, port)
-            except BackendUnavailable as e:
+                env = replica_env(plan, gpus)
+            except (BackendUnavailable, EnvReferenceError) as e:
                 raise RolloutFailed(str(e)) from e
             replica = Replica(
                 revision,
@@ -279,7 +297,7 @@ class Supervisor:
                 port,
                 gpus,
                 argv,
-                replica_env(plan, gpus),
+                env,
                 self.deployment.replica_log(revision, index),
                 health={**HEALTH_DEFAULTS, **(plan.get("health") or {})},
             )
@@ -398,9 +416,20 @@ class Supervisor:
         except (RolloutFailed, PortInUse) as e:
             log.error("rollout of revision %d failed: %s", revision, e)
             self.set_rollout(revision, phase="failed", reason=str(e), finished_at=time.time())
+            self._stop_if_nothing_serves(generation, str(e))
         except Exception as e:  # a bug of ours: report it rather than leave the rollout "progressing" forever
             log.exception("rollout of revision %d failed", revision)
             self.set_rollout(revision, phase="failed", reason=f"supervisor error: {e!r}", finished_at=time.time())
+            self._stop_if_nothing_serves(generation, f"supervisor error: {e!r}")
+
+    def _stop_if_nothing_serves(self, generation: int, reason: str) -> None:
+        """A failed first rollout leaves nothing to supervise: exit, which frees the router's port, unless a newer
+        request is waiting."""
+        desired = self.deployment.desired() or {}
+        if self.serving_revision is None and desired.get("generation", 0) <= generation:
+            log.info("nothing serves after the failed rollout; the supervisor stops")
+            self.error = f"the first rollout failed: {reason}"
+            self._stopping.set()
 
     async def _ensure_router(self, host: str, port: int) -> None:
         if self.router_address == (host, port):
@@ -424,7 +453,7 @@ class Supervisor:
         now = time.monotonic()
         changed = False
         for replica in self.replicas:
-            if replica.state in ("stopping", "failed"):
+            if replica.state in ("stopping", "failed", "restarting"):
                 continue
             if replica.state == "crashed":
                 if now >= replica.restart_at:
@@ -442,15 +471,12 @@ class Supervisor:
                 if replica.state == "ready" and now - replica.ready_since > STABLE_AFTER_S:
                     replica.quick_crashes = 0
                 continue
-            replica.last_error = replica.failure_reason()
+            replica.record_error(replica.failure_reason())
             changed = True
             if not replica.ever_ready:
                 replica.state = "failed"  # never came up: the rollout waiting on it reports why
                 continue
-            replica.quick_crashes = replica.quick_crashes + 1 if now - replica.started_at < STABLE_AFTER_S else 1
-            replica.backoff_s = min(2.0 ** (replica.quick_crashes - 1), MAX_BACKOFF_S)
-            replica.state = "crashed"
-            replica.restart_at = now + replica.backoff_s
+            replica.schedule_restart(now)
             log.warning(
                 "revision %d replica %d exited (%s); restart in %.0fs%s",
                 replica.revision,
@@ -471,11 +497,11 @@ class Supervisor:
         ]
         if not due:
             return
-        results = await asyncio.gather(*(self._healthy(r) for r in due))
+        problems = await asyncio.gather(*(self._health_problem(r) for r in due))
         changed = False
-        for replica, ok in zip(due, results, strict=True):
+        for replica, problem in zip(due, problems, strict=True):
             replica.next_health_at = now + (replica.health["interval"] if replica.state == "ready" else TICK_S)
-            if ok:
+            if problem is None:
                 replica.health_failures = 0
                 if replica.state != "ready":
                     replica.state, replica.ever_ready, replica.ready_since = "ready", True, now
@@ -483,18 +509,47 @@ class Supervisor:
             elif replica.state in ("ready", "unhealthy"):
                 replica.health_failures += 1
                 if replica.state == "ready" and replica.health_failures >= replica.health["failure_threshold"]:
-                    replica.state = "unhealthy"
+                    replica.state, replica.unhealthy_since = "unhealthy", now
+                    replica.record_error(f"unhealthy: {problem}")
+                    log.warning("revision %d replica %d unhealthy: %s", replica.revision, replica.index, problem)
+                    changed = True
+                elif replica.state == "unhealthy" and now - replica.unhealthy_since > self._liveness_s(replica):
+                    self._restart_unhealthy(replica, problem, now)
                     changed = True
         if changed:
             self.publish()
 
-    async def _healthy(self, replica: Replica) -> bool:
+    @staticmethod
+    def _liveness_s(replica: Replica) -> float:
+        return replica.health["failure_threshold"] * replica.health["interval"]
+
+    def _restart_unhealthy(self, replica: Replica, problem: str, now: float) -> None:
+        """Liveness: stop the replica (off the loop: it may take the SIGTERM grace) and restart it like a crash."""
+        seconds = now - replica.unhealthy_since
+        replica.record_error(f"unhealthy for {seconds:.0f}s ({problem}); restarted")
+        replica.state = "restarting"
+        log.warning("revision %d replica %d %s", replica.revision, replica.index, replica.last_error)
+
+        async def restart() -> None:
+            await asyncio.to_thread(self._stop, replica)
+            if replica.state == "restarting":  # not retired meanwhile
+                replica.schedule_restart(time.monotonic())
+                self.write_status()
+
+        self._background.add(task := asyncio.get_running_loop().create_task(restart()))
+        task.add_done_callback(self._background.discard)
+
+    async def _health_problem(self, replica: Replica) -> str | None:
+        """None when the replica's health check passes, else what went wrong."""
         timeout = replica.health["timeout"] if replica.state == "ready" else 1.0
+        url = replica.backend.url + replica.health["path"]
         try:
-            reply = await self._health.get(replica.backend.url + replica.health["path"], timeout=timeout)
-        except httpx.HTTPError:
-            return False
-        return reply.status_code == 200
+            reply = await self._health.get(url, timeout=timeout)
+        except httpx.TimeoutException:
+            return f"GET {replica.health['path']} timed out after {timeout:g}s"
+        except httpx.HTTPError as e:
+            return f"GET {replica.health['path']} failed: {e!r}"
+        return None if reply.status_code == 200 else f"GET {replica.health['path']} answered {reply.status_code}"
 
     def _stop_leftovers(self) -> None:
         """Stop replicas a previous supervisor recorded and that are somehow still alive (it was killed)."""
