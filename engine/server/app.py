@@ -13,7 +13,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vdeploy_engine.async_engine import EngineDeadError
@@ -23,6 +23,7 @@ from vdeploy_engine.server.metrics import CONTENT_TYPE, ServerMetrics
 from vdeploy_engine.server.protocol import (
     DetokenizeRequest,
     DetokenizeResponse,
+    ErrorResponse,
     ModelCard,
     ModelList,
     TokenizeRequest,
@@ -119,7 +120,7 @@ def build_app(
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(exc.status_code, str(exc.detail))
 
-    @app.get("/health")
+    @app.get("/health", response_class=Response, responses={200: {"description": "Ready"}, 503: {"description": "Down"}})
     async def health() -> Response:
         return Response(status_code=200 if engine.is_running() else 503)
 
@@ -127,13 +128,27 @@ def build_app(
     async def version() -> dict:
         return {"version": _version()}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> Response:
         return Response(app.state.server.metrics.render(), media_type=CONTENT_TYPE)
 
     for router in (utility, completions.router, embeddings.router):
-        app.include_router(router, dependencies=[Depends(_check_api_key)])
+        app.include_router(router, dependencies=[Depends(_check_api_key)], responses=_ERROR_RESPONSES)
     return app
+
+
+# Every error an API route may answer, documented in /openapi.json with its body (clients and schema conformance
+# checks then know each answer the server gives).
+_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in (
+        (400, "The request is invalid: the message and `param` say what to change."),
+        (401, "The API key is missing or wrong."),
+        (404, "No model by that name."),
+        (500, "Serving this request failed; other requests are not concerned."),
+        (503, "The engine stopped; the replica is restarting."),
+    )
+}
 
 
 def _version() -> str:

@@ -44,6 +44,8 @@ from vdeploy_engine.server.state import APIError, ServerState, error_body, serve
 from vdeploy_engine.server.tools import ToolCallStream, tool_mode
 
 router = APIRouter()
+# With `stream: true` the answer is server-sent events (documented in /openapi.json next to the JSON body).
+_STREAMED: dict[int | str, dict] = {200: {"content": {"text/event-stream": {}}}}
 logger = logging.getLogger("vdeploy_engine.server")
 
 _SAMPLING_FIELDS = (
@@ -64,7 +66,7 @@ _SAMPLING_FIELDS = (
 )
 
 
-@router.post("/v1/completions", response_model=None)
+@router.post("/v1/completions", response_model=None, responses=_STREAMED)
 async def create_completion(
     body: CompletionRequest, raw: Request, state: ServerState = Depends(server_state)
 ) -> CompletionResponse | Response:
@@ -99,7 +101,7 @@ async def create_completion(
     return CompletionResponse(id=request_id, model=state.model_name, choices=choices, usage=_usage(jobs, finals))
 
 
-@router.post("/v1/chat/completions", response_model=None)
+@router.post("/v1/chat/completions", response_model=None, responses=_STREAMED)
 async def create_chat_completion(
     body: ChatCompletionRequest, raw: Request, state: ServerState = Depends(server_state)
 ) -> ChatCompletionResponse | Response:

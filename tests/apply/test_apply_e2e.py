@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "recipes" / "quickstart-smollm2-cpu.yaml"
-NAME = "quickstart-e2e"
+NAME = f"quickstart-e2e-{os.getpid()}"  # unique: other runs on this host must not match our processes
 WAIT = "300"  # seconds apply may wait for a replica (the model loads in ~15-50 s on a busy 2-core box)
 
 
