@@ -24,10 +24,10 @@ def fail_sampling_for(engine: AsyncEngine, request_id: str, error: Exception) ->
     runner = engine.engine.runner
     sample = runner.sample
 
-    def poisoned(logits, seqs, stop_ids):
+    def poisoned(logits, seqs, *rest):
         if any(seq.request.request_id == request_id for seq in seqs):
             raise error
-        return sample(logits, seqs, stop_ids)
+        return sample(logits, seqs, *rest)
 
     runner.sample = poisoned
 
