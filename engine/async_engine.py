@@ -124,6 +124,11 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         return self._stats
 
+    @property
+    def measured_memory(self) -> dict[str, int]:
+        """What start-up measured, keyed like the plan's memory table (engine/worker/memory_use.py)."""
+        return self.engine.runner.measured
+
     def is_running(self) -> bool:
         return self._thread.is_alive() and self._error is None
 

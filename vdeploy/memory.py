@@ -28,6 +28,13 @@ NCCL_BYTES = 320 * MiB
 # per graph for a 28-layer decoder as vLLM's capture log reports. Its private memory pool is sized separately.
 PER_GRAPH_BYTES = 2 * MiB
 
+# A CPU replica's process beyond its tensors: the interpreter, torch and its libraries, transformers, the HTTP server,
+# the tokenizer, and what the allocator keeps of buffers freed at load. Measured at start-up as the resident set less
+# weights and KV cache (engine/worker/memory_use.py; torch 2.13 CPU, 2 threads): 445 MiB for a tiny model in an
+# offline LLM, 519 MiB for SmolLM2-135M (its GGUF tokenizer converted in Python) with the server's imports
+# (bench/results/memory-truth-cpu.json). The larger, rounded up.
+CPU_PROCESS_BYTES = 544 * MiB
+
 # AWQ/GPTQ 4-bit: 4 bits per weight plus an fp16 scale and a 4-bit zero point per group of 128 weights.
 INT4_BYTES_PER_WEIGHT = (4 + (16 + 4) / 128) / 8
 
@@ -119,10 +126,10 @@ def cuda_graph_bytes(facts: ModelFacts, max_num_seqs: int, dtype_bytes: int, tp:
 
 
 def overhead_bytes(device: str, ranks: int) -> int:
-    """Memory the engine does not allocate itself: the CUDA context, and NCCL buffers when there are several ranks.
-    On the CPU the budget covers only the engine's tensors, so there is none."""
+    """Memory the engine does not allocate itself: the CUDA context, and NCCL buffers when there are several ranks;
+    on the CPU the whole process beyond its tensors (the budget is RAM, which the process counts against)."""
     if device == "cpu":
-        return 0
+        return CPU_PROCESS_BYTES
     return CUDA_CONTEXT_BYTES + (NCCL_BYTES if ranks > 1 else 0)
 
 

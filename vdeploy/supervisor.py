@@ -57,6 +57,11 @@ _PR_SET_PDEATHSIG = 1
 PHASE_MARK = "vdeploy-phase "
 
 
+def clock() -> float:
+    """The supervisor's clock for replica bookkeeping (starts, readiness, crashes, backoff); tests replace it."""
+    return time.monotonic()
+
+
 def _die_with_parent() -> None:
     """Runs in the replica between fork and exec: the kernel SIGKILLs it when the supervisor's thread exits."""
     libc = ctypes.CDLL(None, use_errno=True)
@@ -189,7 +194,7 @@ class Replica:
             )
         self.state = "starting"
         self.phase = None
-        self.started_at = time.monotonic()
+        self.started_at = clock()
         self.next_health_at = 0.0
         self.health_failures = 0
 
@@ -450,7 +455,7 @@ class Supervisor:
         self.write_status()
 
     def _watch_exits(self) -> None:
-        now = time.monotonic()
+        now = clock()
         changed = False
         for replica in self.replicas:
             if replica.state in ("stopping", "failed", "restarting"):
@@ -489,7 +494,7 @@ class Supervisor:
             self.publish()
 
     async def _check_health(self) -> None:
-        now = time.monotonic()
+        now = clock()
         due = [
             r
             for r in self.replicas

@@ -94,7 +94,8 @@ def build_app(
         engine.shutdown()
 
     app = FastAPI(title="vdeploy engine", version=_version(), lifespan=lifespan)
-    metrics = ServerMetrics(config.name, engine.stats)
+    measured = getattr(engine, "measured_memory", {})  # the pooling engine measures nothing yet
+    metrics = ServerMetrics(config.name, engine.stats, config.predicted_memory, measured)
     app.state.server = ServerState(config, engine, metrics, api_key, trust_request_chat_template)
 
     @app.exception_handler(APIError)

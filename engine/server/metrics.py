@@ -3,6 +3,10 @@
 Engine counters (running / waiting requests, KV cache usage, token totals, preemptions, prefix-cache lookups) are
 read from `engine.stats()` (an EngineStats) at scrape time; the server counts finished requests and times each
 request itself (`RequestTimer`), since it sees every token the moment it is sent to the client.
+
+Ours beside them: the plan's memory prediction and what start-up measured, per component
+(`vdeploy:memory_predicted_bytes` / `vdeploy:memory_measured_bytes`, label `component`: weights, activation,
+cuda_graph, overhead, kv_cache), and the process's own figures (`process_resident_memory_bytes` and the like).
 """
 
 from __future__ import annotations
@@ -11,8 +15,11 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from vdeploy_engine.config import MemoryBudget
+from vdeploy_engine.worker.memory_use import COMPONENTS
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -51,11 +58,39 @@ class _EngineCollector:
             yield family
 
 
+class _MemoryCollector:
+    """The plan's memory table and the engine's start-up measurement, component by component."""
+
+    def __init__(self, model_name: str, predicted: MemoryBudget | None, measured: dict[str, int]):
+        self.model_name, self.predicted, self.measured = model_name, predicted, measured
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["model_name", "component"]
+        predicted = GaugeMetricFamily("vdeploy:memory_predicted_bytes", "The plan's memory prediction.", labels=labels)
+        measured = GaugeMetricFamily("vdeploy:memory_measured_bytes", "Memory measured at start-up.", labels=labels)
+        for key in COMPONENTS:
+            component = [self.model_name, key.removesuffix("_bytes")]
+            if self.predicted is not None:
+                predicted.add_metric(component, float(getattr(self.predicted, key)))
+            if key in self.measured:
+                measured.add_metric(component, float(self.measured[key]))
+        yield predicted
+        yield measured
+
+
 class ServerMetrics:
-    def __init__(self, model_name: str, stats: Callable[[], Any]):
+    def __init__(
+        self,
+        model_name: str,
+        stats: Callable[[], Any],
+        predicted: MemoryBudget | None = None,
+        measured: dict[str, int] | None = None,
+    ):
         self.model_name = model_name
         self.registry = CollectorRegistry()
         self.registry.register(_EngineCollector(model_name, stats))
+        self.registry.register(_MemoryCollector(model_name, predicted, measured or {}))
+        ProcessCollector(registry=self.registry)
         label = ["model_name"]
         self.request_success = Counter(
             "vllm:request_success",

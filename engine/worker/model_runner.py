@@ -125,6 +125,7 @@ class ModelRunner:
         m = self.measured
         if self.device.type != "cuda":
             m["weights_bytes"] = module_tensor_bytes(self.model)
+            self.profile_run(self.config.max_num_seqs)  # first-call costs (threads, code pages) count as overhead
             m["activation_bytes"] = self.profile_run()
             return  # the CPU's overhead is measured once the KV cache is resident
         m["weights_bytes"] = torch.cuda.memory_allocated()
@@ -145,12 +146,13 @@ class ModelRunner:
         ]
 
     @torch.inference_mode()
-    def profile_run(self) -> int:
-        """Runs the largest step the scheduler can produce (max_num_batched_tokens tokens over max_num_seqs sequences)
-        with no KV cache bound, and samples its logits; returns the peak bytes it allocated beyond what was held."""
+    def profile_run(self, num_tokens: int | None = None) -> int:
+        """Runs the largest step the scheduler can produce (max_num_batched_tokens tokens over max_num_seqs sequences,
+        or `num_tokens`) with no KV cache bound, and samples its logits; returns the peak bytes it allocated beyond
+        what was held."""
         cfg = self.config
         # No sequence is longer than max_model_len, so a step holds at most max_num_seqs of them.
-        num_tokens = min(cfg.max_num_batched_tokens, cfg.max_num_seqs * cfg.max_model_len)
+        num_tokens = num_tokens or min(cfg.max_num_batched_tokens, cfg.max_num_seqs * cfg.max_model_len)
         num_seqs = min(cfg.max_num_seqs, num_tokens)
         lens = [num_tokens // num_seqs + (i < num_tokens % num_seqs) for i in range(num_seqs)]
         cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=self.device)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -137,6 +138,13 @@ def test_apply_serves_through_the_router(world: World) -> None:
     status = world.status()
     assert (status["revision"], status["ready"], status["desired"]) == (1, 1, 1)
     assert status["url"] == f"http://127.0.0.1:{world.port}" and status["memory_bytes"] > 0
+    # Predicted vs measured memory per replica, from the replica's /metrics.
+    memory = status["replicas"][0]["memory"]
+    components = {"weights", "activation", "cuda_graph", "overhead", "kv_cache"}
+    assert set(memory["predicted"]) == set(memory["measured"]) == components
+    assert memory["measured"]["kv_cache"] == memory["predicted"]["kv_cache"] > 0  # the CPU cache has the plan's size
+    text = world.vdeploy("status", NAME).stdout
+    assert all(re.search(rf"^\s+{name}\s+[\d.]+\s+[\d.]+$", text, re.MULTILINE) for name in components), text
 
 
 def test_unchanged_apply_touches_nothing(world: World) -> None:
@@ -192,7 +200,7 @@ def test_broken_revisions_fail_with_their_cause_and_old_keeps_serving(world: Wor
     assert "gone.gguf" in missing.stderr and "does not exist" in missing.stderr
 
     impossible = world.vdeploy(
-        "apply", str(world.recipe(memory__max_model_len=8192, memory__gpu_memory_utilization=0.6))
+        "apply", str(world.recipe(memory__max_model_len=8192, memory__gpu_memory_utilization=0.7))
     )
     assert impossible.returncode == 1 and "error[VD302]" in impossible.stderr  # one sequence cannot fit
 

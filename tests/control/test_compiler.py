@@ -1,5 +1,7 @@
 """The compiler: every seed recipe against its profile (resolved values written out), the memory model against hand
-calculations for two models, auto resolution, and plan_from_args (the path `vdeploy serve` and `LLM(...)` take)."""
+calculations for two models (worked from each model's own config in the test: the file's GGUF metadata, the published
+config.json), auto resolution, and plan_from_args (the path `vdeploy serve` and `LLM(...)` take). Whether the formulas
+match what the engine really holds is measured in tests/engine/test_memory_truth.py."""
 
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ SEED_EXPECTATIONS = {
     ("quickstart-smollm2-cpu.yaml", 0): dict(
         device="cpu", dtype="float32", quantization="gguf", runner="generate", enforce_eager=True,
         max_model_len=4096, max_num_seqs=16, max_num_batched_tokens=2048, tensor_parallel_size=1, port=8000,
-        served_model_name="smollm2-135m-instruct", kv_cache_memory_bytes=470_145_792),
+        served_model_name="smollm2-135m-instruct", kv_cache_memory_bytes=624_496_179),
     ("opt-125m-offline.yaml", 0): dict(
         device="cuda", dtype="float16", quantization=None, enforce_eager=True, max_model_len=2048, max_num_seqs=256,
         max_num_batched_tokens=2048, model="facebook/opt-125m", kv_cache_memory_bytes=None),
@@ -87,40 +89,69 @@ def test_recipe_env_overrides_profile_env():
     assert plan.env == {"CC": "/opt/gcc", "CXX": "/usr/bin/g++-12", "HF_HUB_OFFLINE": "1"}
 
 
-def test_memory_hand_calculation_smollm2_on_cpu():
-    """SmolLM2-135M (GGUF) on the cpu profile, worked by hand."""
+def test_memory_hand_calculation_smollm2_on_cpu(smollm2_gguf_path):
+    """SmolLM2-135M (GGUF) on the cpu profile, worked by hand from the GGUF file's own metadata."""
+    from vdeploy_engine.gguf_header import read_gguf_header
+
+    header = read_gguf_header(smollm2_gguf_path)
+    meta = {k.removeprefix("llama."): v for k, v in header.metadata.items()}
+    layers, hidden, intermediate = meta["block_count"], meta["embedding_length"], meta["feed_forward_length"]
+    heads, kv_heads, vocab = meta["attention.head_count"], meta["attention.head_count_kv"], meta["tokenizer.ggml.tokens"]
+    assert (layers, hidden, intermediate, heads, kv_heads, vocab) == (30, 576, 1536, 9, 3, 49152)
+    params = sum(t.n_elements for t in header.tensors)
+    assert "output.weight" not in {t.name for t in header.tensors}  # the LM head is tied to the embedding
+    head_dim, fp32 = hidden // heads, 4
+    tokens, seqs = 2048, 16  # the cpu profile's max_num_batched_tokens and max_num_seqs
+
     m = plan_of("quickstart-smollm2-cpu.yaml").memory
-    budget = int(int(1.25 * GiB) * 0.9)  # cpu profile: 1.25 GiB, default utilisation 0.9
-    assert m.budget_bytes == budget == 1_207_959_552
-    # GGUF expanded to float32 at load; the tied LM head once more, packed for oneDNN
-    assert m.weights_bytes == 134_515_008 * 4 + 49152 * 576 * 4
-    # 2048 batched tokens through the MLP: hidden 576, intermediate 1536, fp32, plus the norm's fp32 copy
-    forward = 2048 * ((2 * 576 + 3 * 1536) * 4 + 576 * 4)
-    logits = 16 * 49152 * 4  # 16 sequences x vocab, fp32
-    sampler = 16 * 49152 * 40  # the sampler's buffers: 40 bytes per logit
-    assert m.activation_bytes == forward + logits + sampler == 86_507_520
-    assert (m.cuda_graph_bytes, m.overhead_bytes) == (0, 0)
-    assert m.kv_cache_bytes == budget - m.weights_bytes - 86_507_520 == 470_145_792
-    assert m.kv_bytes_per_token == 2 * 30 * 3 * 64 * 4 == 46_080  # K+V x layers x KV heads x head_dim x fp32
-    assert m.kv_tokens == 470_145_792 // (46_080 * 16) * 16 == 10_192  # whole 16-token blocks
-    assert m.max_concurrency == round(10_192 / 4096, 2)
+    budget = int(int(2.0 * GiB) * 0.9)  # cpu profile: 2 GiB of RAM, default utilisation 0.9
+    assert m.budget_bytes == budget
+    # Every GGUF block expanded to float32 at load; the tied head once more, packed for oneDNN.
+    assert m.weights_bytes == params * fp32 + vocab * hidden * fp32 == 651_306_240
+    # The largest step: at the MLP the residual stream and the normed input (2 x hidden), gate and up (2 x
+    # intermediate) and their SiLU product (intermediate), and the norm's float32 copy of the hidden state...
+    forward = tokens * ((2 * hidden + 3 * intermediate) * fp32 + hidden * 4)
+    logits = seqs * vocab * fp32  # ... then one row of logits per sequence ...
+    # ... and the sampler's top-k/top-p buffers per logit: float32 copy, scaled, sorted values and their int64 order,
+    # masked copy, probabilities, cumulative sum, mass before (7 x 4 + 8 bytes) and a boolean mask, rounded up to 40.
+    sampler = seqs * vocab * 40
+    assert m.activation_bytes == forward + logits + sampler
+    process = 544 * MiB  # the CPU replica's interpreter, torch, tokenizer and server, as measured at start-up
+    assert (m.cuda_graph_bytes, m.overhead_bytes) == (0, process)
+    kv_per_token = 2 * layers * kv_heads * head_dim * fp32  # K and V, every layer, every KV head, float32
+    assert m.kv_bytes_per_token == kv_per_token == 46_080
+    assert m.kv_cache_bytes == budget - m.weights_bytes - m.activation_bytes - process
+    assert m.kv_tokens == m.kv_cache_bytes // (kv_per_token * 16) * 16  # whole 16-token blocks
+    assert m.max_concurrency == round(m.kv_tokens / 4096, 2)
 
 
 def test_memory_hand_calculation_qwen_7b_tp2_on_t4():
-    """Qwen2.5-7B-Instruct, TP 2 over two T4s, float16, eager, worked by hand (per GPU)."""
+    """Qwen2.5-7B-Instruct, TP 2 over two T4s, float16, eager, worked by hand (per GPU) from its config.json."""
+    hidden, intermediate, layers, heads, kv_heads, vocab = 3584, 18944, 28, 28, 4, 152064  # config.json
+    head_dim, kv_width, fp16, tp = hidden // heads, kv_heads * (hidden // heads), 2, 2
+    per_layer = (
+        hidden * hidden + hidden  # q_proj with its bias
+        + 2 * (hidden * kv_width + kv_width)  # k_proj, v_proj with biases
+        + hidden * hidden  # o_proj
+        + 3 * hidden * intermediate  # gate, up, down
+        + 2 * hidden  # two RMSNorms
+    )
+    params = layers * per_layer + 2 * vocab * hidden + hidden  # untied embedding and LM head, the final norm
+    assert params == 7_615_616_512
+
     m = plan_of("qwen2.5-7b-instruct-tp2.yaml").memory
     budget = int(int(14.74 * GiB) * 0.9)
-    weights = 7_615_616_512 * 2 // 2  # parameters x fp16 bytes / TP
-    # t4 default of 2048 batched tokens; the intermediate (18944) is split over TP; the norm's fp32 copy
-    forward = 2048 * ((2 * 3584 + 3 * 18944 // 2) * 2 + 3584 * 4)
-    logits = 256 * 152064 * 2  # 256 sequences x vocab 152064, fp16
-    sampler = 256 * 152064 * 40
+    weights = params * fp16 // tp
+    tokens, seqs = 2048, 256  # the t4 profile's defaults
+    forward = tokens * ((2 * hidden + 3 * intermediate // tp) * fp16 + hidden * 4)  # the MLP's share is split by TP
+    logits = seqs * vocab * fp16
+    sampler = seqs * vocab * 40
     overhead = 512 * MiB + 320 * MiB  # CUDA context + NCCL buffers (TP > 1)
     assert (m.budget_bytes, m.weights_bytes) == (budget, weights)
     assert m.activation_bytes == forward + logits + sampler == 1_810_104_320
     assert (m.cuda_graph_bytes, m.overhead_bytes) == (0, overhead)
     assert m.kv_cache_bytes == budget - weights - m.activation_bytes - overhead
-    assert m.kv_bytes_per_token == 2 * 28 * (4 // 2) * 128 * 2 == 28_672
+    assert m.kv_bytes_per_token == 2 * layers * (kv_heads // tp) * head_dim * fp16 == 28_672
     assert m.kv_tokens == m.kv_cache_bytes // (28_672 * 16) * 16
 
 

@@ -283,3 +283,21 @@ def test_non_streaming_client_that_gives_up_is_aborted(server):
     assert after[aborted_key] == aborted_before + 1
     generated = after["vllm:generation_tokens_total" + label] - before["vllm:generation_tokens_total" + label]
     assert generated < 450  # stopped early, not run to max_tokens
+
+
+def test_metrics_show_the_memory_plan_beside_the_measurement_and_the_plan_holds_the_replica(server):
+    """The replica's /metrics carry the plan's prediction and start-up's measurement per component; the replica's
+    peak resident set (the kernel's high-water mark, after every test above) is within 10% under the plan's total."""
+    samples = server.metrics()
+    components = ("weights", "activation", "cuda_graph", "overhead", "kv_cache")
+
+    def table(name: str) -> dict[str, float]:
+        return {c: samples[f'vdeploy:{name}{{component="{c}",model_name="{MODEL}"}}'] for c in components}
+
+    predicted, measured = table("memory_predicted_bytes"), table("memory_measured_bytes")
+    assert measured["kv_cache"] == pytest.approx(predicted["kv_cache"], abs=46_080 * 16)  # whole blocks
+    assert samples["process_resident_memory_bytes"] > measured["weights"]
+    with open(f"/proc/{server.process.pid}/status") as status:
+        peak = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+    planned = sum(predicted.values())
+    assert 0.9 * planned <= peak <= planned, f"peak {peak / 2**20:.0f} MiB against a plan of {planned / 2**20:.0f} MiB"

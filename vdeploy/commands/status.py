@@ -1,4 +1,7 @@
-"""`vdeploy status [NAME]`: revision, replicas ready/desired, restarts, URL, memory and last error of deployments."""
+"""`vdeploy status [NAME]`: revision, replicas ready/desired, restarts, URL, memory and last error of deployments.
+
+With a NAME, each ready replica's memory is shown component by component: the plan's prediction beside what the
+replica measured at start-up (read from its /metrics), and its resident set now."""
 
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ def describe(deployment) -> dict[str, Any]:
     for replica in status.get("replicas", []) if alive else []:
         replica = dict(replica)
         replica["rss_bytes"] = _tree_rss(psutil, replica.get("pid"))
+        replica["memory"] = _replica_memory(replica) if replica.get("state") == "ready" else None
         replicas.append(replica)
     serving = status.get("revision")
     plan = deployment.plan(serving) if serving is not None else {}
@@ -75,6 +79,43 @@ def _tree_rss(psutil, pid: int | None) -> int | None:
         return sum(p.memory_info().rss for p in [process, *process.children(recursive=True)])
     except psutil.Error:
         return None
+
+
+_MEMORY_METRICS = {"vdeploy:memory_predicted_bytes": "predicted", "vdeploy:memory_measured_bytes": "measured"}
+
+
+def _replica_memory(replica: dict[str, Any]) -> dict[str, dict[str, int]] | None:
+    """{"predicted": {component: bytes}, "measured": {...}} from the replica's /metrics; None if it does not answer."""
+    import httpx
+
+    try:
+        text = httpx.get(f"http://127.0.0.1:{replica['port']}/metrics", timeout=2.0).text
+    except httpx.HTTPError:
+        return None
+    memory: dict[str, dict[str, int]] = {"predicted": {}, "measured": {}}
+    for line in text.splitlines():
+        name, _, rest = line.partition("{")
+        if name in _MEMORY_METRICS:
+            component = rest.split('component="', 1)[1].split('"', 1)[0]
+            memory[_MEMORY_METRICS[name]][component] = int(float(line.rsplit(" ", 1)[1]))
+    return memory
+
+
+def _memory_lines(replica: dict[str, Any]) -> list[str]:
+    """The replica's predicted vs measured table, in MiB, and its resident set against the predicted total."""
+    memory = replica.get("memory")
+    if not memory or not memory["measured"]:
+        return []
+    predicted, measured = memory["predicted"], memory["measured"]
+    lines = [f"    {'memory MiB':12} {'predicted':>10} {'measured':>10}"]
+    for component, value in measured.items():
+        planned = f"{predicted[component] / 2**20:.1f}" if component in predicted else "-"
+        lines.append(f"    {component:12} {planned:>10} {value / 2**20:10.1f}")
+    total = f"{sum(predicted.values()) / 2**20:.1f}" if predicted else "-"
+    lines.append(f"    {'total':12} {total:>10} {sum(measured.values()) / 2**20:10.1f}")
+    if replica.get("rss_bytes") and not replica.get("gpus"):
+        lines.append(f"    {'resident now':12} {'':>10} {replica['rss_bytes'] / 2**20:10.1f}")
+    return lines
 
 
 def run(args: argparse.Namespace) -> int:
@@ -150,6 +191,7 @@ def render(rows: list[dict[str, Any]], name: str | None, output: str) -> str:
                 f"gpus {gpus} restarts {r['restarts']}{' crash loop' if r.get('crash_loop') else ''}"
                 + (f" - {r['last_error']}" if r.get("last_error") else "")
             )
+            lines += _memory_lines(r)
     return "\n".join(lines)
 
 
