@@ -8,6 +8,7 @@ profiling pass makes, in order) and the process's resident set.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from collections.abc import Callable
 
@@ -45,8 +46,10 @@ def module_tensor_bytes(module: torch.nn.Module) -> int:
 
 def cpu_peak_bytes(run: Callable[[], object]) -> int:
     """How far the resident set rose above its level before `run` at the peak of `run`: Linux's high-water mark
-    (VmHWM), reset first through /proc/self/clear_refs. Memory the allocator kept from earlier frees and reuses here
-    is not counted twice: it is already in the overhead."""
+    (VmHWM), reset first through /proc/self/clear_refs. The allocator first returns what it kept of earlier frees
+    (glibc's malloc_trim), so that `run` reuses none of it: the rise is then what `run` allocates, whatever the heap
+    looked like before."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current resident set
     before = process_rss_bytes()
