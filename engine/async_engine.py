@@ -135,6 +135,7 @@ class AsyncEngine:
     def shutdown(self) -> None:
         self._commands.put(("stop", None))
         self._thread.join(timeout=30)
+        self.engine.shutdown()
 
     def _raise_if_dead(self) -> None:
         if self._error is not None:

@@ -25,12 +25,14 @@ import queue
 import threading
 from collections import deque
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Literal
 
 import torch
 
 from vdeploy_engine.config import EngineConfig
 from vdeploy_engine.core.engine import EngineStats
+from vdeploy_engine.distributed.parallel import SINGLE_WORLD, World
 from vdeploy_engine.layers.attention import AttentionMetadata
 
 logger = logging.getLogger("vdeploy_engine.pooling")
@@ -88,23 +90,56 @@ class _Request:
     token_type_ids: list[int] | None = None  # a cross-encoder's text pair
 
 
+class PoolingRunner:
+    """The model on one rank. Rank 0's `run` runs the forward on every rank (the other ranks' runners take its
+    message from vdeploy_engine.distributed.executor); the pooling and classification heads then run on rank 0."""
+
+    def __init__(self, config: EngineConfig, model: torch.nn.Module, world: World = SINGLE_WORLD):
+        self.model, self.world, self.device = model, world, torch.device(config.device)
+
+    def run(self, prompts: list[list[int]], token_types: list[int] | None) -> torch.Tensor:
+        self.world.broadcast(("hidden", (prompts, token_types)))
+        return self.hidden(prompts, token_types)
+
+    @torch.inference_mode()
+    def hidden(self, prompts: list[list[int]], token_types: list[int] | None) -> torch.Tensor:
+        """The last layer's hidden states [T, hidden] of the prompts as one flat batch (`token_types`: a
+        cross-encoder's, flat)."""
+        lens = [len(p) for p in prompts]
+        cu_seqlens = [0, *accumulate(lens)]
+        input_ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=self.device)
+        positions = torch.cat([torch.arange(n) for n in lens]).to(self.device)
+        meta = AttentionMetadata(
+            slot_mapping=torch.full((len(input_ids),), -1, dtype=torch.long, device=self.device),
+            seq_lens=torch.tensor(lens, dtype=torch.int32, device=self.device),
+            block_tables=torch.zeros((len(prompts), 0), dtype=torch.int32, device=self.device),
+            cu_seqlens_q=torch.tensor(cu_seqlens, dtype=torch.int32, device=self.device),
+        )
+        if token_types is None:
+            return self.model(input_ids, positions, meta)
+        return self.model(input_ids, positions, meta, torch.tensor(token_types, dtype=torch.long, device=self.device))
+
+
 class PoolingEngine:
     """`await engine.embed(token_ids)` -> the pooled vector (a list of floats) of one prompt; for a cross-encoder
     (`cross_encoder`), the label probabilities of a text pair (`token_type_ids` mark its second text)."""
 
     def __init__(self, config: EngineConfig):
+        from vdeploy_engine.distributed.executor import start_executor
         from vdeploy_engine.loader import load_hf_config, load_model, load_tokenizer, resolve_model
 
         self.config = config
         hf_config = load_hf_config(config)
         self.tokenizer = load_tokenizer(config)
-        self.model = load_model(config, hf_config)
+        self.executor = start_executor(config)  # the other ranks' processes, when the model is sharded
+        world = self.executor.world if self.executor else SINGLE_WORLD
+        self.model = load_model(config, hf_config, world.tp)
+        self.runner = PoolingRunner(config, self.model, world)
         self.cross_encoder = hasattr(self.model, "classify")
         if config.convert == "classify" and not self.cross_encoder:
             raise ValueError(
                 f"convert 'classify' needs a classification head; {type(self.model).__name__} has none (embed or reward)"
             )
-        self.device = torch.device(config.device)
         # The model's positions bound the context whatever the plan says (BERT: 512). Multimodal configs nest the
         # language model's.
         text_config = hf_config.get_text_config()
@@ -164,6 +199,8 @@ class PoolingEngine:
     def shutdown(self) -> None:
         self._incoming.put(None)
         self._thread.join(timeout=30)
+        if self.executor is not None:
+            self.executor.shutdown()
 
     # -- the engine thread ---------------------------------------------------------------------------------------
 
@@ -211,23 +248,11 @@ class PoolingEngine:
     @torch.inference_mode()
     def _forward(self, batch: list[_Request]) -> list[list[float]]:
         prompts = [r.token_ids for r in batch]
-        lens = [len(p) for p in prompts]
-        cu_seqlens = [0]
-        for n in lens:
-            cu_seqlens.append(cu_seqlens[-1] + n)
-        input_ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=self.device)
-        positions = torch.cat([torch.arange(n) for n in lens]).to(self.device)
-        meta = AttentionMetadata(
-            slot_mapping=torch.full((len(input_ids),), -1, dtype=torch.long, device=self.device),
-            seq_lens=torch.tensor(lens, dtype=torch.int32, device=self.device),
-            block_tables=torch.zeros((len(prompts), 0), dtype=torch.int32, device=self.device),
-            cu_seqlens_q=torch.tensor(cu_seqlens, dtype=torch.int32, device=self.device),
-        )
+        cu_seqlens = [0, *accumulate(len(p) for p in prompts)]
         if not self.cross_encoder:
-            return pool(self.model(input_ids, positions, meta), cu_seqlens, self.spec).cpu().tolist()
+            return pool(self.runner.run(prompts, None), cu_seqlens, self.spec).cpu().tolist()
         types = [t for r in batch for t in (r.token_type_ids or [0] * len(r.token_ids))]
-        token_type_ids = torch.tensor(types, dtype=torch.long, device=self.device)
-        logits = self.model.classify(self.model(input_ids, positions, meta, token_type_ids), cu_seqlens).float()
+        logits = self.model.classify(self.runner.run(prompts, types), cu_seqlens).float()
         probabilities = logits.sigmoid() if logits.shape[-1] == 1 else logits.softmax(dim=-1)
         return probabilities.cpu().tolist()
 

@@ -78,6 +78,8 @@ class _Compiler:
         r, p = self.recipe, self.profile
         self.decide("device", self.device, f"profile {p.name} ({p.description})")
         self._parallelism()
+        if r.backend == "builtin":
+            self._builtin_limits()
         runner, convert = self._runner()
         dtype = self._dtype()
         quantization = self._quantization()
@@ -137,6 +139,25 @@ class _Compiler:
                        "parallelism.tensor_parallel_size",
                        f"set `hardware: {{profile: {p.name}, count: {ranks * par.data_parallel_size}}}` "
                        "if the host has them, or lower the parallelism")
+
+    def _builtin_limits(self) -> None:
+        """Settings the built-in engine cannot honour: refused here, never ignored at launch (the vllm backend runs
+        them)."""
+        r = self.recipe
+        par, m = r.parallelism, r.memory
+        hint = "use `backend: vllm`, or "
+        if par.pipeline_parallel_size > 1:
+            self.error("VD210", "the builtin engine has no pipeline parallelism", "parallelism.pipeline_parallel_size",
+                       hint + "`tensor_parallel_size` over the same GPUs")
+        if par.distributed_executor_backend == "ray":
+            self.error("VD210", "the builtin engine has no ray executor; its ranks run on one host",
+                       "parallelism.distributed_executor_backend", hint + "`distributed_executor_backend: mp`")
+        if m.cpu_offload_gb > 0:
+            self.error("VD210", "the builtin engine keeps every weight on the GPU (no CPU offload)",
+                       "memory.cpu_offload_gb", hint + "more GPUs (`tensor_parallel_size`) or a quantized checkpoint")
+        if m.kv_cache_dtype != "auto":
+            self.error("VD210", f"the builtin engine keeps the KV cache in the model dtype, not {m.kv_cache_dtype}",
+                       "memory.kv_cache_dtype", hint + "`kv_cache_dtype: auto`")
 
     def _heads(self) -> None:
         tp, f = self.recipe.parallelism.tensor_parallel_size, self.facts
@@ -364,8 +385,11 @@ class _Compiler:
         if self.device == "cpu" and r.backend == "builtin" and width == 4 and f.tie_word_embeddings and not f.pooling:
             weights += f.vocab_size * f.hidden_size * width  # a tied head is kept twice: plain, and packed for oneDNN
         fixed_kv = r.memory.kv_cache_memory_bytes
+        budget = mem.budget_bytes(p.memory_bytes, utilization)
+        if self.device == "cpu":  # the ranks share the machine's memory: each plans for its share
+            budget //= tp * pp
         return mem.memory_budget(
-            budget=mem.budget_bytes(p.memory_bytes, utilization), weights=weights,
+            budget=budget, weights=weights,
             activations=mem.activation_bytes(f, tokens, seqs, width, tp),
             graphs=mem.cuda_graph_bytes(f, seqs, width, tp, eager), overhead=mem.overhead_bytes(self.device, tp * pp),
             kv_per_token=mem.kv_bytes_per_token(f, mem.DTYPE_BYTES[kv_dtype], tp, pp), block_size=r.memory.block_size,
@@ -387,13 +411,13 @@ class _Compiler:
             fixes.append(f"`gpu_memory_utilization: {needed_utilization}`")
         for larger in (2, 4, 8):
             if larger > tp and _tp_fits_heads(larger, f):
-                trial = self._layout(dtype, quantization, eager, larger, layout.budget_bytes / p.memory_bytes, seqs,
+                trial = self._layout(dtype, quantization, eager, larger, self.settings["gpu_memory_utilization"], seqs,
                                      tokens, need_tokens)
                 if trial.kv_tokens >= need_tokens:
                     fixes.append(f"`tensor_parallel_size: {larger}` ({larger} GPUs)")
                     break
         for fewer in (128, 64, 32, 16, 8):  # the sampler's buffers grow with the batch
-            if fewer < seqs and self._layout(dtype, quantization, eager, tp, layout.budget_bytes / p.memory_bytes,
+            if fewer < seqs and self._layout(dtype, quantization, eager, tp, self.settings["gpu_memory_utilization"],
                                              fewer, tokens, need_tokens).kv_tokens >= need_tokens:
                 fixes.append(f"`max_num_seqs: {fewer}`")
                 break

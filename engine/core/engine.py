@@ -80,12 +80,13 @@ class EngineStats:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, tokenizer: Any, model: Any):
+    def __init__(self, config: EngineConfig, tokenizer: Any, model: Any, executor: Any = None):
         from vdeploy_engine.worker.model_runner import ModelRunner
 
         self.config = config
         self.tokenizer = tokenizer
-        self.runner = ModelRunner(config, model)
+        self.executor = executor  # the other ranks' processes, when the model is sharded over several
+        self.runner = ModelRunner(config, model, *([executor.world] if executor else []))
         self.kv = KVCacheManager(
             self.runner.num_blocks, config.block_size, self.runner.num_cpu_blocks, config.enable_prefix_caching
         )
@@ -106,14 +107,21 @@ class LLMEngine:
     def from_config(cls, config: EngineConfig) -> LLMEngine:
         import torch
 
+        from vdeploy_engine.distributed.executor import start_executor
         from vdeploy_engine.layers.linear import process_weights_after_loading
         from vdeploy_engine.loader import load_hf_config, load_model, load_tokenizer
 
         torch.manual_seed(config.seed)
         hf_config = load_hf_config(config)
-        model = load_model(config, hf_config)
+        executor = start_executor(config)
+        model = load_model(config, hf_config, *([executor.world.tp] if executor else []))
         process_weights_after_loading(model)  # e.g. oneDNN's weight layout on the CPU
-        return cls(config, load_tokenizer(config), model)
+        return cls(config, load_tokenizer(config), model, executor)
+
+    def shutdown(self) -> None:
+        """Stops the other ranks' processes, if any."""
+        if self.executor is not None:
+            self.executor.shutdown()
 
     # -- requests ------------------------------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ process group; a unit test may also build TPGroup(rank, size) without one to exe
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,3 +45,50 @@ class TPGroup:
 
 
 SINGLE = TPGroup()
+
+
+@dataclass(frozen=True)
+class World:
+    """Every rank of one engine replica. Rank 0 drives: it schedules, and before each piece of device work it sends
+    the others a message (a method name and its arguments) over `control`, a gloo group, so that python objects
+    travel the same way over NCCL-backed or CPU ranks."""
+
+    rank: int = 0
+    size: int = 1
+    tp: TPGroup = SINGLE
+    control: Any = None
+
+    def broadcast(self, message: Any) -> None:
+        """Rank 0: sends `message` to every other rank."""
+        if self.size > 1:
+            dist.broadcast_object_list([message], src=0, group=self.control)
+
+    def receive(self) -> Any:
+        """Ranks 1..: waits for rank 0's next message."""
+        box = [None]
+        dist.broadcast_object_list(box, src=0, group=self.control)
+        return box[0]
+
+    def min(self, value: int) -> int:
+        """The smallest of every rank's `value` (ranks agree on sizes measured apart, e.g. the KV cache)."""
+        if self.size == 1:
+            return value
+        tensor = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=self.control)
+        return int(tensor.item())
+
+
+SINGLE_WORLD = World()
+
+
+def init_world(rank: int, tp_size: int, device: str, init_method: str) -> World:
+    """Joins the process group of `tp_size` ranks (NCCL between GPUs, gloo on the CPU); on CUDA each rank takes the
+    GPU of its number."""
+    if device == "cuda":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    else:  # ranks share the cores; more threads than cores spin against each other inside every collective
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // tp_size))
+    backend = "nccl" if device == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=tp_size)
+    control = dist.new_group(backend="gloo") if backend == "nccl" else dist.group.WORLD
+    return World(rank, tp_size, TPGroup(rank, tp_size, dist.group.WORLD), control)

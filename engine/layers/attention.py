@@ -54,6 +54,12 @@ class AttentionMetadata:
     def is_decode(self) -> bool:
         return self.cu_seqlens_q is None
 
+    def to(self, device: torch.device) -> AttentionMetadata:
+        return AttentionMetadata(
+            *(None if t is None else t.to(device) for t in (
+                self.slot_mapping, self.seq_lens, self.block_tables, self.cu_seqlens_q))
+        )
+
 
 class Attention(nn.Module):
     """Multi-head / grouped-query attention over the paged KV cache. Heads are this rank's heads."""

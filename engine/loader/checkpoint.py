@@ -4,6 +4,7 @@ model.safetensors.index.json), falling back to PyTorch .bin files for old reposi
 from __future__ import annotations
 
 import json
+import mmap
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,14 +50,35 @@ def iter_checkpoint(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def _iter_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Tensors that view the memory-mapped file rather than copy it: a tensor-parallel rank's loader copies out only
+    its slice, so no rank holds a whole tensor in host memory (the page cache is shared by the ranks)."""
     from safetensors import SafetensorError, safe_open
 
     try:
-        with safe_open(file, framework="pt") as handle:
-            for name in handle.keys():
-                yield name, handle.get_tensor(name)
+        with safe_open(file, framework="pt") as handle:  # checks the header and the data offsets
+            names = list(handle.keys())
     except SafetensorError as exc:
         raise ModelLoadError(f"{file}: not a readable safetensors file (truncated or corrupt?): {exc}") from None
+    with open(file, "rb") as f:
+        header_size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_size))
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private pages: writable views, file untouched
+    for name in names:
+        entry = header[name]
+        dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+        start, end = entry["data_offsets"]
+        if start == end:
+            yield name, torch.empty(entry["shape"], dtype=dtype)
+            continue
+        flat = torch.frombuffer(mapped, dtype=dtype, count=(end - start) // dtype.itemsize, offset=8 + header_size + start)
+        yield name, flat.view(entry["shape"])
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
 
 
 def _iter_torch_bin(file: Path) -> Iterator[tuple[str, torch.Tensor]]:

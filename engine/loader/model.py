@@ -11,6 +11,7 @@ from torch import nn
 
 from vdeploy_engine import progress
 from vdeploy_engine.config import EngineConfig
+from vdeploy_engine.distributed.parallel import SINGLE, TPGroup
 from vdeploy_engine.layers.linear import WeightShapeError, default_weight_loader
 from vdeploy_engine.loader.errors import ModelLoadError
 from vdeploy_engine.loader.hub import is_gguf, resolve_model
@@ -29,12 +30,13 @@ def _building_on(device: str, dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
-def load_model(config: EngineConfig, hf_config: Any) -> nn.Module:
-    """The model for `config` on `config.device` in `config.dtype`, weights loaded, in eval mode."""
+def load_model(config: EngineConfig, hf_config: Any, tp: TPGroup = SINGLE) -> nn.Module:
+    """The model for `config` on `config.device` in `config.dtype`, weights loaded, in eval mode; under tensor
+    parallelism, this rank's slice of it."""
     cls = model_class(hf_config)
     _check_quantization(config, hf_config)
     with _building_on(config.device, getattr(torch, config.dtype)):
-        model = cls(hf_config)
+        model = cls(hf_config, tp) if tp.size > 1 else cls(hf_config)
     path = resolve_model(config.model, config.revision, config.download_dir)
     if is_gguf(path):
         from vdeploy_engine.loader.gguf import iter_gguf

@@ -25,6 +25,7 @@ from vdeploy_engine import progress
 from vdeploy_engine.config import EngineConfig
 from vdeploy_engine.core.scheduler import SchedulerOutput
 from vdeploy_engine.core.sequence import Sequence
+from vdeploy_engine.distributed.parallel import SINGLE_WORLD, World
 from vdeploy_engine.layers.attention import Attention, AttentionMetadata
 from vdeploy_engine.worker.memory_use import (
     cpu_peak_bytes,
@@ -49,9 +50,13 @@ def _kv_dtype(config: EngineConfig) -> torch.dtype:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model: torch.nn.Module):
+    """One per rank. Rank 0's runner prepares each step's inputs and runs the step's device work on every rank
+    (`_on_all_ranks`); the other ranks' runners only run what it sends (vdeploy_engine.distributed.executor)."""
+
+    def __init__(self, config: EngineConfig, model: torch.nn.Module, world: World = SINGLE_WORLD):
         progress.phase("warming")  # the profile run, the KV cache, CUDA graph capture
         self.config = config
+        self.world = world
         self.device = torch.device(config.device)
         self.model = model
         self.block_size = config.block_size
@@ -66,7 +71,7 @@ class ModelRunner:
         self.measured: dict[str, int] = {}
         self._measure_weights_and_activations()
         self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
-        self.num_blocks = self._kv_cache_bytes() // self.bytes_per_block
+        self.num_blocks = world.min(self._kv_cache_bytes() // self.bytes_per_block)  # ranks measure apart
         if self.num_blocks <= 0:
             raise ValueError(
                 "No available memory for the cache blocks. Try increasing `gpu_memory_utilization` when "
@@ -184,20 +189,34 @@ class ModelRunner:
             for layer, (k, v) in zip(self.attn_layers, bound, strict=True):
                 layer.k_cache, layer.v_cache = k, v
 
+    def _on_all_ranks(self, method: str, *args: object) -> object:
+        """Runs `method` here and, through the world's control channel, on every other rank's runner."""
+        self.world.broadcast((method, args))
+        return getattr(self, method)(*args)
+
     @torch.inference_mode()
     def execute(self, step: SchedulerOutput, sample_seqs: list[Sequence]) -> torch.Tensor:
         """Moves blocks (swap out, swap in, copy-on-write), runs the forward pass; returns the logits of the last
         token of each sequence in sample_seqs (those whose scheduled tokens reach the end of what they hold)."""
-        self._move_blocks(step)
         self._graph_logits = None
         if self.can_run_ahead(step):
-            self._prepare_decode(step.scheduled)
-            self._graph_logits = self.graphs.replay(len(step.scheduled))
+            batch = len(step.scheduled)
+            rows = self._prepare_decode(step.scheduled)
+            self._graph_logits = self._on_all_ranks("_replay_decode", _moves(step), batch, rows, False, self._sent(rows))
             return self._graph_logits
         input_ids, positions, meta, last_rows = self._prepare(step.scheduled)
-        hidden = self.model(input_ids, positions, meta)
         sampled = {id(seq) for seq in sample_seqs}
         rows = [row for (seq, _), row in zip(step.scheduled, last_rows, strict=True) if id(seq) in sampled]
+        return self._on_all_ranks("_forward", _moves(step), input_ids, positions, meta, rows)
+
+    @torch.inference_mode()
+    def _forward(
+        self, moves: _Moves, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, rows: list[int]
+    ) -> torch.Tensor:
+        """A step's forward pass over host inputs; the logits of `rows`."""
+        self._move_blocks(moves)
+        dev = self.device
+        hidden = self.model(input_ids.to(dev), positions.to(dev), meta.to(dev))
         if len(rows) < len(hidden):  # indexing by a host list waits for the GPU: a decode step (every row) skips it
             hidden = hidden[rows]
         return self.model.compute_logits(hidden)
@@ -212,11 +231,8 @@ class ModelRunner:
         step and returns its greedy tokens. With `inputs_on_device`, the input tokens are the previous launch's
         (the sequences and their order are the same), which the host does not know yet."""
         batch = len(step.scheduled)
-        self._move_blocks(step)
-        self._prepare_decode(step.scheduled)
-        if inputs_on_device:
-            self._decode_buffers.input_ids[:batch].copy_(self.graphs.tokens[:batch])
-        self.graphs.replay(batch)
+        rows = self._prepare_decode(step.scheduled)
+        self._on_all_ranks("_replay_decode", _moves(step), batch, rows, inputs_on_device, self._sent(rows))
         # Two launches can be outstanding (one landing while the next runs): alternate two pinned slots.
         slot = self._token_slots[self._launches % 2]
         self._launches += 1
@@ -243,9 +259,27 @@ class ModelRunner:
         with torch.inference_mode():
             return self.sampler(logits, seqs, stop_ids, apply_token_masks)
 
-    def _prepare_decode(self, scheduled: list[tuple[Sequence, int]]) -> None:
-        """Fills the pinned host mirrors of the decode buffers row by row (no tensor ops: this runs every step) and
-        copies the rows of the graph the batch replays to the device; rows past the batch are padding."""
+    def _sent(self, rows: int) -> dict[str, object] | None:
+        """The decode inputs rank 0 filled, for the other ranks (None when there are none)."""
+        return self._decode_buffers.rows(rows) if self.world.size > 1 else None
+
+    @torch.inference_mode()
+    def _replay_decode(
+        self, moves: _Moves, batch: int, rows: int, inputs_on_device: bool, sent: dict[str, object] | None
+    ) -> torch.Tensor:
+        """Copies the filled decode inputs to the device (`sent`: rank 0's, on another rank) and replays the graph
+        of `rows` rows; with `inputs_on_device`, the input tokens are the previous replay's argmax."""
+        self._move_blocks(moves)
+        if sent is not None and self.world.rank > 0:
+            self._decode_buffers.fill(sent)
+        self._decode_buffers.upload(rows)
+        if inputs_on_device:
+            self._decode_buffers.input_ids[:batch].copy_(self.graphs.tokens[:batch])
+        return self.graphs.replay(batch)
+
+    def _prepare_decode(self, scheduled: list[tuple[Sequence, int]]) -> int:
+        """Fills the pinned host mirrors of the decode buffers row by row (no tensor ops: this runs every step);
+        returns the rows of the graph the batch replays (rows past the batch are padding)."""
         host, bs = self._decode_buffers.host, self.block_size
         rows = self.graphs.padded(len(scheduled))
         for i, (seq, _) in enumerate(scheduled):
@@ -260,7 +294,7 @@ class ModelRunner:
         host.positions[padding] = 0
         host.slot_mapping[padding] = -1
         host.seq_lens[padding] = 1
-        self._decode_buffers.upload(rows)
+        return rows
 
     def _prepare(
         self, scheduled: list[tuple[Sequence, int]]
@@ -286,26 +320,32 @@ class ModelRunner:
         last_rows = (cu_q[1:] - 1).tolist()
         ids = torch.tensor(input_ids, dtype=torch.long)
         lens = torch.tensor(seq_lens, dtype=torch.int32)
-        dev = self.device
         # A decode-only batch (one query per sequence) takes the decode kernel: no query offsets.
-        cu = None if len(input_ids) == len(scheduled) else cu_q.to(dev, torch.int32)
-        meta = AttentionMetadata(slots.to(dev), lens.to(dev), block_tables.to(dev), cu)
-        return ids.to(dev), positions.to(dev), meta, last_rows
+        cu = None if len(input_ids) == len(scheduled) else cu_q.to(torch.int32)
+        return ids, positions, AttentionMetadata(slots, lens, block_tables, cu), last_rows
 
-    def _move_blocks(self, step: SchedulerOutput) -> None:
+    def _move_blocks(self, moves: _Moves) -> None:
+        swap_out, swap_in, copies = moves
         for (k, v), cpu in zip(self.kv_caches, self.cpu_caches or [None] * len(self.kv_caches), strict=True):
-            if step.swap_out:
-                gpu_ids, cpu_ids = (torch.tensor(x) for x in zip(*step.swap_out, strict=True))
+            if swap_out:
+                gpu_ids, cpu_ids = (torch.tensor(x) for x in zip(*swap_out, strict=True))
                 for cache, host in zip((k, v), cpu, strict=True):
                     host[cpu_ids] = cache[gpu_ids.to(cache.device)].cpu()
-            if step.swap_in:
-                cpu_ids, gpu_ids = (torch.tensor(x) for x in zip(*step.swap_in, strict=True))
+            if swap_in:
+                cpu_ids, gpu_ids = (torch.tensor(x) for x in zip(*swap_in, strict=True))
                 for cache, host in zip((k, v), cpu, strict=True):
                     cache[gpu_ids.to(cache.device)] = host[cpu_ids].to(cache.device)
-            if step.copies:
-                src, dst = (torch.tensor(x, device=k.device) for x in zip(*step.copies, strict=True))
+            if copies:
+                src, dst = (torch.tensor(x, device=k.device) for x in zip(*copies, strict=True))
                 for cache in (k, v):
                     cache[dst] = cache[src]
+
+
+_Moves = tuple[list, list, list]  # a step's KV block moves: swap_out, swap_in, copies (pairs of block ids)
+
+
+def _moves(step: SchedulerOutput) -> _Moves:
+    return step.swap_out, step.swap_in, step.copies
 
 
 def _sampler_peak(logits: torch.Tensor) -> None:
@@ -346,6 +386,15 @@ class _DecodeBuffers:
     def host(self) -> SimpleNamespace:
         """The mirror set the next step fills."""
         return self._views[self._uploads % 2]
+
+    def rows(self, rows: int) -> dict[str, object]:
+        """Copies of the first `rows` rows of each mirror the next upload sends (for the other ranks)."""
+        return {name: view[:rows].copy() for name, view in vars(self.host).items()}
+
+    def fill(self, rows: dict[str, object]) -> None:
+        """Writes rows taken by `rows` on another rank into the mirrors the next upload sends."""
+        for name, values in rows.items():
+            getattr(self.host, name)[: len(values)] = values
 
     def upload(self, rows: int) -> None:
         for name, mirror in self._mirrors[self._uploads % 2].items():
