@@ -112,7 +112,9 @@ class MPExecutor:
         """Ends the engine: rank 0 may be blocked in a collective that will never complete, so no cleaner way out."""
         message = f"tensor-parallel engine: {problem}; stopping the engine and its other ranks"
         logger.error(message)
-        print(f"ERROR {message}", file=sys.stderr, flush=True)
+        # Straight to the file descriptor: torch.distributed's excepthook swaps sys.stderr for a buffer while it
+        # formats a failed collective's traceback in the main thread, which may be this very moment.
+        os.write(2, f"ERROR {message}\n".encode())
         for worker in self.workers.values():
             worker.kill()
         os._exit(1)
@@ -121,6 +123,10 @@ class MPExecutor:
 def worker_main(rank: int, init_method: str, heartbeat_fd: int, parent_pid: int) -> None:
     """A worker rank: heartbeat, join the group, load this rank's slice of the model, then run rank 0's messages."""
     threading.Thread(target=_heartbeat, args=(heartbeat_fd, parent_pid), name="heartbeat", daemon=True).start()
+    logging.basicConfig(  # each rank logs what it measured at start-up beside the plan's prediction
+        level=os.environ.get("VDEPLOY_LOG_LEVEL", "INFO"), stream=sys.stderr,
+        format=f"%(asctime)s %(levelname)s rank {rank} %(name)s: %(message)s",
+    )
     try:
         from vdeploy_engine.distributed.parallel import init_world
 
