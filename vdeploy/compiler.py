@@ -364,13 +364,15 @@ class _Compiler:
         block = self.recipe.memory.block_size
         fillable = seqs * math.ceil(max_model_len / block) * block * layout.kv_bytes_per_token
         if layout.kv_cache_bytes <= fillable:
-            kv, reason = max(layout.kv_cache_bytes, 1), "CPU: the engine allocates exactly what is left of the budget"
+            kv, reason = layout.kv_cache_bytes, "CPU: the engine allocates exactly what is left of the budget"
         else:
             kv = fillable
             reason = (f"CPU: what max_num_seqs ({seqs}) sequences of max_model_len ({max_model_len}) can fill; the "
                       f"budget has {_gib(layout.kv_cache_bytes)} left, more than they can use")
-        self.settings["kv_cache_memory_bytes"] = self.decide("memory.kv_cache_memory_bytes", kv, reason)
         tokens = mem.kv_tokens(kv, layout.kv_bytes_per_token, block)
+        kv = max(tokens * layout.kv_bytes_per_token, 1)  # whole blocks: the bytes the engine allocates
+        self.settings["kv_cache_memory_bytes"] = self.decide("memory.kv_cache_memory_bytes", kv, f"{reason}, in whole "
+                                                             f"blocks of {block} tokens")
         return dataclasses.replace(layout, kv_cache_bytes=kv, kv_tokens=tokens)
 
     def _layout(self, dtype: str, quantization: str | None, eager: bool, tp: int, utilization: float, seqs: int,

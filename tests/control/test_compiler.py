@@ -39,7 +39,7 @@ SEED_EXPECTATIONS = {
     ("quickstart-smollm2-cpu.yaml", 0): dict(
         device="cpu", dtype="float32", quantization="gguf", runner="generate", enforce_eager=True,
         max_model_len=4096, max_num_seqs=16, max_num_batched_tokens=2048, tensor_parallel_size=1, port=8000,
-        served_model_name="smollm2-135m-instruct", kv_cache_memory_bytes=624_496_179),
+        served_model_name="smollm2-135m-instruct", kv_cache_memory_bytes=847 * 16 * 46_080),  # whole blocks
     ("opt-125m-offline.yaml", 0): dict(
         device="cuda", dtype="float16", quantization=None, enforce_eager=True, max_model_len=2048, max_num_seqs=256,
         max_num_batched_tokens=2048, model="facebook/opt-125m", kv_cache_memory_bytes=None),
@@ -120,8 +120,9 @@ def test_memory_hand_calculation_smollm2_on_cpu(smollm2_gguf_path):
     assert (m.cuda_graph_bytes, m.overhead_bytes) == (0, process)
     kv_per_token = 2 * layers * kv_heads * head_dim * fp32  # K and V, every layer, every KV head, float32
     assert m.kv_bytes_per_token == kv_per_token == 46_080
-    assert m.kv_cache_bytes == budget - m.weights_bytes - m.activation_bytes - process
-    assert m.kv_tokens == m.kv_cache_bytes // (kv_per_token * 16) * 16  # whole 16-token blocks
+    left = budget - m.weights_bytes - m.activation_bytes - process
+    assert m.kv_tokens == left // (kv_per_token * 16) * 16  # what is left, in whole 16-token blocks
+    assert m.kv_cache_bytes == m.kv_tokens * kv_per_token  # the bytes the engine allocates
     assert m.max_concurrency == round(m.kv_tokens / 4096, 2)
 
 
