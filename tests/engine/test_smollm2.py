@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
 from vdeploy_engine import LLM, SamplingParams
-from vdeploy_engine.llm import engine_config_from_args
 
 PROMPTS = [
     "The capital of France is",
@@ -21,10 +18,7 @@ MAX_TOKENS = 16
 
 @pytest.fixture(scope="module")
 def llm(smollm2_gguf_path):
-    """The file dequantized to float32 at load, as transformers reads it (the default, packed path computes its
-    matmuls in bfloat16; tests/models/test_gguf_packed.py holds it to this one's greedy tokens)."""
-    config = engine_config_from_args(str(smollm2_gguf_path), dtype="float32", max_model_len=256, device="cpu")
-    return LLM.from_config(dataclasses.replace(config, quantization=None))
+    return LLM(str(smollm2_gguf_path), dtype="float32", max_model_len=256, device="cpu")
 
 
 @pytest.mark.slow
