@@ -32,14 +32,6 @@ class LLM:
         self.llm_engine = LLMEngine.from_config(config)
         self._request_ids = itertools.count()
 
-    @classmethod
-    def from_config(cls, config: EngineConfig) -> LLM:
-        """An LLM on a resolved EngineConfig as is (a plan's, or one changed from another LLM's `config`)."""
-        llm = cls.__new__(cls)
-        llm.llm_engine = LLMEngine.from_config(config)
-        llm._request_ids = itertools.count()
-        return llm
-
     @property
     def config(self) -> EngineConfig:
         return self.llm_engine.config

@@ -134,17 +134,8 @@ class Linear(nn.Module):
         self._shard_rows = {
             name: (start, size) for (name, size), start in zip(self.shards_local.items(), starts, strict=False)
         }
-        self.set_quant_method(quant_method or UnquantizedMethod(), bias)
-
-    def set_quant_method(self, quant_method: QuantMethod, bias: bool | None = None) -> None:
-        """(Re)creates the parameters in `quant_method`'s format, before loading: a loader that learns the format
-        from the checkpoint switches layers built with the default method."""
-        if bias is None:
-            bias = self.bias is not None
-        for name, _ in list(self.named_parameters(recurse=False)):
-            delattr(self, name)
-        self.quant_method = quant_method
-        quant_method.create_weights(self, self.in_features, self.out_features, bias)
+        self.quant_method = quant_method or UnquantizedMethod()
+        self.quant_method.create_weights(self, in_features, out_features, bias)
         for param in self.parameters(recurse=False):
             param.weight_loader = self.weight_loader
             param.shard_names = tuple(self.shards)  # the loader checks that every shard arrived

@@ -169,21 +169,8 @@ def _read_tensor(path: Path, tensor: GGUFTensor) -> torch.Tensor:
     return torch.from_numpy(values if values.flags.writeable else values.copy())  # F32 is a view of the map
 
 
-def gguf_tensor_types(path: Path) -> dict[str, str]:
-    """HF checkpoint name -> GGUF type name (F32, Q4_1, Q8_0, ...) of each tensor with an HF counterpart."""
-    names = ((hf_tensor_name(t.name), t.type_name) for t in gguf_header(path).tensors)
-    return {name: type_name for name, type_name in names if name is not None}
-
-
-def _raw_blocks(path: Path, tensor: GGUFTensor) -> torch.Tensor:
-    """A 2-D tensor's stored bytes as uint8 rows [rows, bytes per row] (numpy's = HF's dimension order)."""
-    raw = np.memmap(path, dtype=np.uint8, mode="r", offset=tensor.offset, shape=(tensor.n_bytes,))
-    return torch.from_numpy(raw.reshape(tensor.shape[1], -1).copy())
-
-
-def iter_gguf(path: Path, hf_config: Any, raw: frozenset[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, tensor) pairs, one tensor at a time: dequantized to float32, or its raw blocks (uint8 rows) for the
-    names in `raw`, which the model keeps packed."""
+def iter_gguf(path: Path, hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, float32 tensor) pairs, dequantizing one tensor at a time."""
     header = gguf_header(path)
     arch = _architecture(header, path)
     permuted = _ARCHITECTURES[arch][2]
@@ -194,7 +181,7 @@ def iter_gguf(path: Path, hf_config: Any, raw: frozenset[str] = frozenset()) -> 
         name = hf_tensor_name(tensor.name, arch)
         if name is None:
             raise ModelLoadError(f"{path}: tensor {tensor.name!r} has no place in a {arch} model")
-        weight = _raw_blocks(path, tensor) if name in raw else _read_tensor(path, tensor)
+        weight = _read_tensor(path, tensor)
         projection = name.split(".")[-2]
         if permuted and projection in rope_heads:
             weight = _unpermute_rope_rows(weight, rope_heads[projection])

@@ -41,15 +41,7 @@ def load_model(config: EngineConfig, hf_config: Any, tp: TPGroup = SINGLE) -> nn
     if is_gguf(path):
         from vdeploy_engine.loader.gguf import iter_gguf
 
-        raw: set[str] = set()
-        if config.quantization == "gguf" and config.device == "cpu" and config.tensor_parallel_size == 1:
-            # Kept packed where the CPU int4 matmul can read the blocks; dequantized otherwise (and on CUDA, for now)
-            from vdeploy_engine.layers.quantization.gguf import pack_gguf_model
-            from vdeploy_engine.loader.gguf import gguf_tensor_types
-
-            with _building_on(config.device, getattr(torch, config.dtype)):
-                raw = pack_gguf_model(model, gguf_tensor_types(path))
-        weights = iter_gguf(path, hf_config, frozenset(raw))
+        weights = iter_gguf(path, hf_config)
     else:
         from vdeploy_engine.loader.checkpoint import iter_checkpoint
 
@@ -59,9 +51,8 @@ def load_model(config: EngineConfig, hf_config: Any, tp: TPGroup = SINGLE) -> nn
 
 
 def _check_quantization(config: EngineConfig, hf_config: Any) -> None:
-    """GGUF files run (kept packed on the CPU with quantization: gguf, else dequantized at load); other quantized
-    checkpoints have no quant method yet (engine.layers.quantization is where they go): refuse them before reading
-    gigabytes of packed weights."""
+    """Quantized linear methods are not written yet (engine.layers.linear.QuantMethod is where they go); GGUF files
+    are dequantized at load. Refuse the rest before reading gigabytes of packed weights."""
     stored = getattr(hf_config, "quantization_config", None)
     if isinstance(stored, dict):
         stored = stored.get("quant_method", "unknown")
