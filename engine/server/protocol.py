@@ -92,7 +92,7 @@ class SamplingRequest(Request):
                 raise SamplingParamsError("response_format", "type json_schema needs a json_schema")
             given["response_format"] = StructuredOutputs(json=fmt.json_schema.json_schema or {"type": "object"})
         if self.structured_outputs is not None:
-            given["structured_outputs"] = StructuredOutputs(**self.structured_outputs.model_dump(exclude_none=True))
+            given["structured_outputs"] = self.structured_outputs.constraint()
         for name in ("json", "regex", "choice", "grammar"):
             value = getattr(self, f"guided_{name}")
             if value is not None:
@@ -123,8 +123,10 @@ class StructuredOutputsRequest(Tolerant):
     grammar: str | None = None
     json_object: bool | None = None
 
-    def model_dump(self, **kwargs: Any) -> dict[str, Any]:
-        return super().model_dump(by_alias=True, **kwargs)
+    def constraint(self) -> StructuredOutputs:
+        # The declared fields only: unknown ones were warned about and are no constraint.
+        declared = self.model_dump(by_alias=True, exclude_none=True, include=set(type(self).model_fields))
+        return StructuredOutputs(**declared)
 
 
 # ---------------------------------------------------------------------------------------------------- completions

@@ -41,7 +41,9 @@ class Deployment:
             "memory": {"max_model_len": 256, "max_num_seqs": 4},
             "parallelism": {"data_parallel_size": 2},
             "server": {"port": self.port},
-            "health": {"interval": 1, "timeout": 1, "failure_threshold": 2},
+            # Probed every second so a hang is seen quickly, with the default 5 s timeout: a replica busy on a loaded
+            # 2-core box may take over a second to answer, and is not unhealthy for it.
+            "health": {"interval": 1, "failure_threshold": 2},
         }
 
     def recipe(self, file: str = "recipe.yaml", **sections) -> Path:
@@ -74,6 +76,12 @@ class Deployment:
     def complete(self, client: httpx.Client, **fields) -> httpx.Response:
         body = {"model": "tiny", "prompt": "Hello, my name is", "max_tokens": 8, "temperature": 0, **fields}
         return client.post(f"http://127.0.0.1:{self.port}/v1/completions", json=body, timeout=120)
+
+    def diagnosis(self) -> str:
+        """What to read when a chaos test fails: the status and the supervisor's log."""
+        log = self.root / "state" / self.name / "logs" / "supervisor.log"
+        tail = log.read_text(errors="replace")[-6000:] if log.exists() else "(no supervisor log)"
+        return f"status: {self.vdeploy('status', self.name, '--format', 'json').stdout}\nsupervisor log:\n{tail}"
 
     def processes(self) -> list[psutil.Process]:
         found = []
@@ -147,7 +155,6 @@ def _replica_pids(deployment: Deployment) -> list[int]:
     return [r["pid"] for r in deployment.status()["replicas"] if r["state"] == "ready"]
 
 
-@pytest.mark.xfail(reason="lost requests in the last full CI-style run: issue 12 stays open until this holds", strict=False)
 def test_kill_9_of_a_replica_under_load_fails_no_request(deployment: Deployment) -> None:
     victim = _replica_pids(deployment)[0]
     with Load(deployment) as load:
@@ -162,7 +169,7 @@ def test_kill_9_of_a_replica_under_load_fails_no_request(deployment: Deployment)
         wait_until(lambda: len(load.outcomes) >= served + 8, 60, "requests after the restart")
     assert not load.failures(), f"{len(load.failures())} of {len(load.outcomes)} failed: {load.failures()[:3]}"
     status = deployment.status()
-    assert status["ready"] == 2 and status["restarts"] == 1 and "SIGKILL" in status["last_error"]
+    assert status["ready"] == 2 and status["restarts"] == 1 and "SIGKILL" in status["last_error"], deployment.diagnosis()
 
 
 def test_a_hung_replica_is_restarted_and_its_requests_go_elsewhere(deployment: Deployment) -> None:

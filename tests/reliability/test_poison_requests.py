@@ -64,6 +64,14 @@ POISON = [
     ("detokenize past the vocabulary", "/detokenize", {"tokens": [10**12]}, {400}),
     ("body not an object", "/v1/completions", "[1, 2, 3]", {400}),
     ("truncated JSON", "/v1/completions", '{"prompt": "Hi", "max_tokens": ', {400}),
+    # Unknown keys are ignored, as at the top level (found by the OpenAPI fuzz: they reached a constructor as a 500).
+    ("structured_outputs with only an unknown key", "/v1/completions", completion(structured_outputs={"x": 1}), {400}),
+    (
+        "structured_outputs with an unknown key beside a choice",
+        "/v1/completions",
+        completion(structured_outputs={"choice": ["yes", "no"], "\u00e9": [1]}),
+        {200},
+    ),
     ("huge top_k", "/v1/completions", completion(top_k=10**9, temperature=1, seed=7), {200}),
     ("tiny temperature", "/v1/completions", completion(temperature=1e-30), {200}),
     ("huge temperature", "/v1/completions", completion(temperature=1e30, seed=3), {200}),
