@@ -16,6 +16,7 @@ from vdeploy_engine.layers.linear import WeightShapeError, default_weight_loader
 from vdeploy_engine.loader.errors import ModelLoadError
 from vdeploy_engine.loader.hub import is_gguf, resolve_model
 from vdeploy_engine.models.registry import model_class
+from vdeploy_engine.worker.memory_use import return_large_blocks_when_freed
 
 
 @contextmanager
@@ -33,6 +34,8 @@ def _building_on(device: str, dtype: torch.dtype) -> Iterator[None]:
 def load_model(config: EngineConfig, hf_config: Any, tp: TPGroup = SINGLE) -> nn.Module:
     """The model for `config` on `config.device` in `config.dtype`, weights loaded, in eval mode; under tensor
     parallelism, this rank's slice of it."""
+    if config.device == "cpu":
+        return_large_blocks_when_freed()  # so that the process's memory is what its tensors hold, run after run
     cls = model_class(hf_config)
     _check_quantization(config, hf_config)
     with _building_on(config.device, getattr(torch, config.dtype)):

@@ -44,6 +44,19 @@ def module_tensor_bytes(module: torch.nn.Module) -> int:
     return total
 
 
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+_MMAP_THRESHOLD_BYTES = 1 * _MiB
+
+
+def return_large_blocks_when_freed() -> None:
+    """Has glibc serve every block of 1 MiB or more from its own mapping, returned to the system when freed. By default
+    the threshold rises to the largest block yet freed (up to 32 MiB): a prefill's activations then come from the
+    heap, which they fragment, and the process's resident set rises far beyond what is live (SmolLM2's 2048-token
+    profiling step: 119 MiB against 73 MiB at the fixed threshold), by an amount that differs from run to run. Setting
+    the threshold fixes it. Called once per CPU process, before the weights are read."""
+    ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
+
+
 def cpu_peak_bytes(run: Callable[[], object]) -> int:
     """How far the resident set rose above its level before `run` at the peak of `run`: Linux's high-water mark
     (VmHWM), reset first through /proc/self/clear_refs. The allocator first returns what it kept of earlier frees
@@ -84,11 +97,12 @@ def log_predicted_vs_measured(device: str, predicted: MemoryBudget | None, measu
 
 
 # How far a measurement may sit from its prediction, as a share of the prediction (the plan's goal: within 5% on CUDA,
-# 10% on the CPU). The CPU's figures come from the resident set, which also moves by the allocator's arenas and pages:
-# a few MiB either way, whatever the model, hence an absolute slack there. The CPU process's own size is one figure
-# for every model, while what it loads varies (445-519 MiB measured): 20% for it.
+# 10% on the CPU). The CPU's figures come from the resident set, which also moves by a few MiB of pages either way,
+# whatever the model: hence an absolute slack there. The CPU process's own size is one figure for every model and
+# machine, while what is resident of the same libraries differs by machine (417-539 MiB measured for one tiny model,
+# vdeploy/memory.py): 35% for it.
 TOLERANCE = {"cuda": 0.05, "cpu": 0.10}
-CPU_OVERHEAD_TOLERANCE = 0.20
+CPU_OVERHEAD_TOLERANCE = 0.35
 CPU_SLACK_BYTES = 16 * _MiB
 CUDA_SLACK_BYTES = 1 * _MiB  # the caching allocator rounds every block up (512 bytes, 2 MiB segments)
 

@@ -39,7 +39,7 @@ SEED_EXPECTATIONS = {
     ("quickstart-smollm2-cpu.yaml", 0): dict(
         device="cpu", dtype="float32", quantization="gguf", runner="generate", enforce_eager=True,
         max_model_len=4096, max_num_seqs=16, max_num_batched_tokens=2048, tensor_parallel_size=1, port=8000,
-        served_model_name="smollm2-135m-instruct", kv_cache_memory_bytes=847 * 16 * 46_080),  # whole blocks
+        served_model_name="smollm2-135m-instruct", kv_cache_memory_bytes=767 * 16 * 46_080),  # whole blocks
     ("opt-125m-offline.yaml", 0): dict(
         device="cuda", dtype="float16", quantization=None, enforce_eager=True, max_model_len=2048, max_num_seqs=256,
         max_num_batched_tokens=2048, model="facebook/opt-125m", kv_cache_memory_bytes=None),
@@ -116,7 +116,7 @@ def test_memory_hand_calculation_smollm2_on_cpu(smollm2_gguf_path):
     # masked copy, probabilities, cumulative sum, mass before (7 x 4 + 8 bytes) and a boolean mask, rounded up to 40.
     sampler = seqs * vocab * 40
     assert m.activation_bytes == forward + logits + sampler
-    process = 544 * MiB  # the CPU replica's interpreter, torch, tokenizer and server, as measured at start-up
+    process = 600 * MiB  # the CPU replica's interpreter, torch, tokenizer and server, as measured at start-up
     assert (m.cuda_graph_bytes, m.overhead_bytes) == (0, process)
     kv_per_token = 2 * layers * kv_heads * head_dim * fp32  # K and V, every layer, every KV head, float32
     assert m.kv_bytes_per_token == kv_per_token == 46_080
