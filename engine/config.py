@@ -22,6 +22,13 @@ DEFAULT_GPU_MEMORY_UTILIZATION = 0.9  # vLLM's default
 DEFAULT_MAX_MODEL_LEN = 2048  # when nothing says more: no plan, or a model whose positions are unknown
 TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral")  # vdeploy_engine/server/tools.py implements each
 
+# Architectures whose layers the built-in engine can split into pipeline stages (the llama family's decoder and OPT);
+# the compiler refuses pipeline_parallel_size > 1 for the others.
+PIPELINE_ARCHITECTURES = frozenset({
+    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM",
+    "MixtralForCausalLM", "OPTForCausalLM",
+})
+
 MAX_GRAPH_BATCH = 512  # the largest decode batch captured; bigger batches run eagerly (as in vLLM)
 
 
@@ -30,6 +37,19 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     captures exactly these and the compiler budgets for exactly these."""
     top = min(max_num_seqs, MAX_GRAPH_BATCH)
     return sorted({b for b in (1, 2, 4) if b <= top} | set(range(8, top + 1, 8)))
+
+
+def stage_layers(num_layers: int, stages: int) -> list[range]:
+    """The decoder layers each pipeline stage holds: consecutive, as even as they divide, the extra ones on the stages
+    before the last (which also holds the LM head), as vLLM splits them. The engine builds exactly these and the
+    compiler plans each stage's weights and KV cache from them."""
+    if num_layers < stages:
+        raise ValueError(f"pipeline_parallel_size {stages} is more than the model's {num_layers} layers")
+    sizes = [num_layers // stages] * stages
+    for i in range(num_layers % stages):
+        sizes[-2 - i] += 1
+    starts = [sum(sizes[:i]) for i in range(stages)]
+    return [range(start, start + size) for start, size in zip(starts, sizes, strict=True)]
 
 
 @dataclass(frozen=True)
@@ -124,6 +144,11 @@ class EngineConfig:
             ("device", self.device in ("cuda", "cpu"), "must be 'cuda' or 'cpu'"),
             ("tensor_parallel_size", self.tensor_parallel_size >= 1, "must be >= 1"),
             ("pipeline_parallel_size", self.pipeline_parallel_size >= 1, "must be >= 1"),
+            (
+                "pipeline_parallel_size",
+                self.pipeline_parallel_size == 1 or self.runner == "generate",
+                "the pooling runner runs the whole model on each rank (use tensor_parallel_size)",
+            ),
             ("gpu_memory_utilization", 0 < self.gpu_memory_utilization <= 1, "must be in (0, 1]"),
             ("max_model_len", self.max_model_len >= 1, "must be >= 1"),
             ("max_num_seqs", self.max_num_seqs >= 1, "must be >= 1"),

@@ -23,6 +23,7 @@ from vdeploy.recipe import Recipe, SourceMap, validate_recipe
 from vdeploy_engine.config import (
     DEFAULT_GPU_MEMORY_UTILIZATION,
     DEFAULT_MAX_MODEL_LEN,
+    PIPELINE_ARCHITECTURES,
     EngineConfig,
     EngineConfigError,
     MemoryBudget,
@@ -146,9 +147,17 @@ class _Compiler:
         r = self.recipe
         par, m = r.parallelism, r.memory
         hint = "use `backend: vllm`, or "
-        if par.pipeline_parallel_size > 1:
-            self.error("VD210", "the builtin engine has no pipeline parallelism", "parallelism.pipeline_parallel_size",
+        pp, f = par.pipeline_parallel_size, self.facts
+        if pp > 1 and f is not None and (f.pooling or r.runner == "pooling"):
+            self.error("VD210", "the builtin engine runs pooling models on one pipeline stage",
+                       "parallelism.pipeline_parallel_size", hint + "`tensor_parallel_size` over the same GPUs")
+        elif pp > 1 and f is not None and f.architecture not in PIPELINE_ARCHITECTURES:
+            self.error("VD210", f"the builtin engine cannot split {f.architecture} into pipeline stages (it splits "
+                       f"{', '.join(sorted(PIPELINE_ARCHITECTURES))})", "parallelism.pipeline_parallel_size",
                        hint + "`tensor_parallel_size` over the same GPUs")
+        elif pp > 1 and f is not None and pp > f.num_layers:
+            self.error("VD210", f"pipeline_parallel_size {pp} is more than the model's {f.num_layers} layers",
+                       "parallelism.pipeline_parallel_size", f"use at most {f.num_layers} stages")
         if par.distributed_executor_backend == "ray":
             self.error("VD210", "the builtin engine has no ray executor; its ranks run on one host",
                        "parallelism.distributed_executor_backend", hint + "`distributed_executor_backend: mp`")
@@ -382,9 +391,11 @@ class _Compiler:
         pp = r.parallelism.pipeline_parallel_size
         width = mem.DTYPE_BYTES[dtype]
         kv_dtype = dtype if r.memory.kv_cache_dtype == "auto" else r.memory.kv_cache_dtype
-        weights = mem.weight_bytes(f, dtype, quantization, dequantize_gguf=r.backend == "builtin", shards=tp * pp)
+        weights = mem.weight_bytes(f, dtype, quantization, dequantize_gguf=r.backend == "builtin", shards=tp)
+        weights = mem.largest_stage_weight_bytes(f, weights, pp)  # the plan is the largest stage's
         weights = max(0, weights - int(r.memory.cpu_offload_gb * GiB))
-        if self.device == "cpu" and r.backend == "builtin" and width == 4 and f.tie_word_embeddings and not f.pooling:
+        tied_cpu_head = f.tie_word_embeddings and not f.pooling and pp == 1  # on one stage: embedding and head
+        if self.device == "cpu" and r.backend == "builtin" and width == 4 and tied_cpu_head:
             weights += f.vocab_size * f.hidden_size * width  # a tied head is kept twice: plain, and packed for oneDNN
         fixed_kv = r.memory.kv_cache_memory_bytes
         budget = mem.budget_bytes(p.memory_bytes, utilization)

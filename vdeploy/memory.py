@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 from vdeploy.modelinfo import ModelFacts
-from vdeploy_engine.config import MemoryBudget, graph_batch_sizes
+from vdeploy_engine.config import MemoryBudget, graph_batch_sizes, stage_layers
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -47,7 +47,7 @@ def budget_bytes(memory_bytes: int, utilization: float) -> int:
 def weight_bytes(facts: ModelFacts, dtype: str, quantization: str | None, dequantize_gguf: bool, shards: int) -> int:
     """Weights on one GPU. Plain weights: parameters x bytes of the chosen dtype (the checkpoint's own dtype does not
     matter, the loader casts). Quantized: the stored bytes when known (exact for local files), else the format's size
-    per weight. `dequantize_gguf`: an engine that expands GGUF blocks to `dtype` at load. Sharded over TP x PP ranks;
+    per weight. `dequantize_gguf`: an engine that expands GGUF blocks to `dtype` at load. Sharded over `shards` ranks;
     the norms are replicated but are < 0.1% of any model, which the rounding up below covers."""
     unquantized = facts.param_count * DTYPE_BYTES[dtype]
     if quantization is None or (quantization == "gguf" and dequantize_gguf):
@@ -59,6 +59,25 @@ def weight_bytes(facts: ModelFacts, dtype: str, quantization: str | None, dequan
     else:  # online fp8 (linear layers in 1 byte), or bitsandbytes / GGUF of unknown size: 1 byte is an upper bound
         total = _quantized(facts, 1.0)
     return math.ceil(total / shards)
+
+
+def largest_stage_weight_bytes(facts: ModelFacts, weights: int, pp: int) -> int:
+    """What the largest pipeline stage holds of `weights` (the whole model's, on one tensor-parallel rank): its layers
+    (config.stage_layers, as the engine splits them); on the first stage the token embedding (and OPT's learned
+    position table); on the last the final norm and the LM head (a tied head too: a later stage than the embedding's
+    keeps a copy). Rotary models keep a float32 cos/sin table (positions x head_dim) on every stage, which the whole
+    model's count leaves to rounding. `weights` as it is without pipeline parallelism."""
+    if pp == 1:
+        return weights
+    table = facts.vocab_size * facts.hidden_size
+    learned_positions = (facts.max_positions + 2) * facts.hidden_size if facts.model_type == "opt" else 0
+    per_layer = (facts.param_count - facts.embedding_params - learned_positions) / facts.num_layers
+    first, last = table + learned_positions, table + 2 * facts.hidden_size  # a norm's weight and bias
+    pp = min(pp, facts.num_layers)  # more stages than layers is refused (VD210); plan as if one layer each
+    largest = max(len(layers) * per_layer + first * (i == 0) + last * (i == pp - 1)
+                  for i, layers in enumerate(stage_layers(facts.num_layers, pp)))
+    rotary = 0 if learned_positions else facts.max_positions * facts.head_dim * 4
+    return math.ceil(weights * largest / facts.param_count) + rotary
 
 
 def _quantized(facts: ModelFacts, bytes_per_weight: float) -> int:

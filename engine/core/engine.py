@@ -114,7 +114,7 @@ class LLMEngine:
         torch.manual_seed(config.seed)
         hf_config = load_hf_config(config)
         executor = start_executor(config)
-        model = load_model(config, hf_config, *([executor.world.tp] if executor else []))
+        model = load_model(config, hf_config, *([executor.world.tp, executor.world.stage] if executor else []))
         process_weights_after_loading(model)  # e.g. oneDNN's weight layout on the CPU
         return cls(config, load_tokenizer(config), model, executor)
 

@@ -32,7 +32,7 @@ _POLL_SECONDS = 0.5
 
 def start_executor(config: EngineConfig) -> MPExecutor | None:
     """The worker ranks for `config`; None when the model runs in this process alone."""
-    if config.tensor_parallel_size == 1:
+    if config.tensor_parallel_size * config.pipeline_parallel_size == 1:
         return None
     return MPExecutor(config)
 
@@ -43,7 +43,7 @@ class MPExecutor:
     def __init__(self, config: EngineConfig):
         from vdeploy_engine.distributed.parallel import init_world
 
-        size = config.tensor_parallel_size
+        size = config.tensor_parallel_size * config.pipeline_parallel_size
         init_method = f"tcp://127.0.0.1:{_free_port()}"
         # A fresh interpreter per rank (not multiprocessing's spawn, which re-imports the caller's main script).
         self.workers: dict[int, subprocess.Popen] = {}
@@ -62,7 +62,8 @@ class MPExecutor:
         self._stopping = threading.Event()
         threading.Thread(target=self._watch, name="rank-watchdog", daemon=True).start()
         atexit.register(self.shutdown)
-        self.world = init_world(0, size, config.device, init_method)
+        self.world = init_world(0, config.tensor_parallel_size, config.pipeline_parallel_size, config.device,
+                                init_method)
 
     def shutdown(self) -> None:
         """Tells the workers to exit and waits for them (killing any that do not)."""
@@ -110,7 +111,7 @@ class MPExecutor:
 
     def _fail(self, problem: str) -> None:
         """Ends the engine: rank 0 may be blocked in a collective that will never complete, so no cleaner way out."""
-        message = f"tensor-parallel engine: {problem}; stopping the engine and its other ranks"
+        message = f"parallel engine: {problem}; stopping the engine and its other ranks"
         logger.error(message)
         # Straight to the file descriptor: torch.distributed's excepthook swaps sys.stderr for a buffer while it
         # formats a failed collective's traceback in the main thread, which may be this very moment.
@@ -131,7 +132,8 @@ def worker_main(rank: int, init_method: str, heartbeat_fd: int, parent_pid: int)
         from vdeploy_engine.distributed.parallel import init_world
 
         config = EngineConfig.from_json(sys.stdin.read())
-        world = init_world(rank, config.tensor_parallel_size, config.device, init_method)
+        world = init_world(rank, config.tensor_parallel_size, config.pipeline_parallel_size, config.device,
+                           init_method)
         runner = build_runner(config, world)
         while (message := world.receive()) is not None:
             method, args = message
@@ -150,7 +152,7 @@ def build_runner(config: EngineConfig, world: Any) -> Any:
 
     torch.manual_seed(config.seed)
     hf_config = load_hf_config(config)
-    model = load_model(config, hf_config, world.tp)
+    model = load_model(config, hf_config, world.tp, world.stage)
     process_weights_after_loading(model)
     if config.runner == "pooling":
         from vdeploy_engine.pooling import PoolingRunner

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from vdeploy_engine import progress
-from vdeploy_engine.config import EngineConfig
-from vdeploy_engine.distributed.parallel import SINGLE, TPGroup
+from vdeploy_engine.config import PIPELINE_ARCHITECTURES, EngineConfig
+from vdeploy_engine.distributed.parallel import SINGLE, WHOLE, Stage, TPGroup
 from vdeploy_engine.layers.linear import WeightShapeError, default_weight_loader
 from vdeploy_engine.loader.errors import ModelLoadError
 from vdeploy_engine.loader.hub import is_gguf, resolve_model
@@ -31,15 +31,21 @@ def _building_on(device: str, dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
-def load_model(config: EngineConfig, hf_config: Any, tp: TPGroup = SINGLE) -> nn.Module:
+def load_model(config: EngineConfig, hf_config: Any, tp: TPGroup = SINGLE, stage: Stage = WHOLE) -> nn.Module:
     """The model for `config` on `config.device` in `config.dtype`, weights loaded, in eval mode; under tensor
-    parallelism, this rank's slice of it."""
+    parallelism, this rank's slice of it; under pipeline parallelism, its stage's layers."""
     if config.device == "cpu":
         return_large_blocks_when_freed()  # so that the process's memory is what its tensors hold, run after run
     cls = model_class(hf_config)
     _check_quantization(config, hf_config)
+    if stage.size > 1 and cls.__name__ not in PIPELINE_ARCHITECTURES:
+        raise ModelLoadError(f"{cls.__name__} cannot be split into pipeline stages (pipeline_parallel_size "
+                             f"{stage.size}); the built-in engine splits {', '.join(sorted(PIPELINE_ARCHITECTURES))}")
     with _building_on(config.device, getattr(torch, config.dtype)):
-        model = cls(hf_config, tp) if tp.size > 1 else cls(hf_config)
+        if stage.size > 1:
+            model = cls(hf_config, tp, stage)
+        else:
+            model = cls(hf_config, tp) if tp.size > 1 else cls(hf_config)
     path = resolve_model(config.model, config.revision, config.download_dir)
     if is_gguf(path):
         from vdeploy_engine.loader.gguf import iter_gguf
@@ -74,6 +80,7 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], 
     """Places each checkpoint tensor with the model's `map_checkpoint_name` and the parameter's `weight_loader`, then
     checks that every parameter (every shard of a fused one) was filled."""
     params = dict(model.named_parameters())  # tied weights appear once, under the embedding's name
+    absent = tuple(getattr(model, "absent_prefixes", ()))
     arch = type(model).__name__
     expected = [(name, shard) for name, param in params.items()
                 for shard in (getattr(param, "shard_names", None) or (None,))]
@@ -86,6 +93,8 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], 
                 continue
             param_name, shard = target
             param = params.get(param_name)
+            if param is None and param_name.startswith(absent):
+                continue  # another pipeline stage holds it
             if param is None:
                 raise ModelLoadError(f"{source}: tensor {name!r} has no place in {arch}")
             try:

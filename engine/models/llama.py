@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vdeploy_engine.distributed.parallel import SINGLE, TPGroup
+from vdeploy_engine.distributed.parallel import SINGLE, WHOLE, Stage, TPGroup
 from vdeploy_engine.layers.attention import Attention, AttentionMetadata, HeadsPerRank
 from vdeploy_engine.layers.embedding import LMHead, VocabEmbedding
 from vdeploy_engine.layers.linear import Linear, UnquantizedMethod
@@ -152,37 +152,53 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
+    """On a pipeline stage, only the stage's layers are built (the others are placeholders, so that parameter names
+    keep the checkpoint's layer numbers); the first stage embeds, the last normalises."""
+
     layer_cls = LlamaDecoderLayer
 
-    def __init__(self, hf_config: Any, qkv_bias: bool, tp: TPGroup):
+    def __init__(self, hf_config: Any, qkv_bias: bool, tp: TPGroup, stage: Stage = WHOLE):
         super().__init__()
-        self.embed_tokens = VocabEmbedding(hf_config.vocab_size, hf_config.hidden_size, tp)
+        self.stage = stage
+        self.held = stage.layers(hf_config.num_hidden_layers)
+        self.embed_tokens = VocabEmbedding(hf_config.vocab_size, hf_config.hidden_size, tp) if stage.is_first else None
         # One cos/sin cache, shared by every layer.
         rotary = RotaryEmbedding(head_dim_of(hf_config), hf_config.max_position_embeddings, rope_parameters(hf_config))
         self.layers = nn.ModuleList(
-            self.layer_cls(hf_config, rotary, window, qkv_bias, tp, index)
+            self.layer_cls(hf_config, rotary, window, qkv_bias, tp, index) if index in self.held else nn.Identity()
             for index, window in enumerate(sliding_windows(hf_config))
         )
-        self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
+        self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps) if stage.is_last else None
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        hidden, residual = self.embed_tokens(input_ids), None
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+        carried: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Hidden states; on a stage other than the first, from `carried`, the previous stage's output (hidden and
+        residual stacked, [2, T, hidden]), and on a stage other than the last, that output."""
+        if carried is None:
+            hidden, residual = self.embed_tokens(input_ids), None
+        else:
+            hidden, residual = carried
         if self.fuses(hidden):
             for layer in self.layers:
                 hidden = layer.forward_fused(positions, hidden, meta)
             return self.norm(hidden)
-        for layer in self.layers:
+        for layer in self.layers[self.held.start : self.held.stop]:
             hidden, residual = layer(positions, hidden, residual, meta)
+        if not self.stage.is_last:
+            return torch.stack((hidden, residual))
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
     def fuses(self, hidden: torch.Tensor) -> bool:
         """A batch of a few tokens on the GPU is bound by kernel launches and weight reads, not arithmetic: it takes
         the fused path (matrix-vector kernels with the norms, activation and residual adds folded in). Needs a bound
-        KV cache (profiling runs have none) and plain weights."""
+        KV cache (profiling runs have none), plain weights and the whole model (no pipeline stages)."""
         first = self.layers[0]
         return (
             hidden.is_cuda
+            and self.stage.size == 1
             and len(hidden) <= FUSED_MAX_TOKENS
             and first.self_attn.attn.k_cache is not None
             and isinstance(first.self_attn.qkv_proj.quant_method, UnquantizedMethod)
@@ -194,18 +210,28 @@ class LlamaForCausalLM(nn.Module):
 
     qkv_bias = False
     model_cls = LlamaModel
+    carries = 2  # [T, hidden] tensors a pipeline stage passes to the next: hidden states and the residual
 
-    def __init__(self, hf_config: Any, tp: TPGroup = SINGLE):
+    def __init__(self, hf_config: Any, tp: TPGroup = SINGLE, stage: Stage = WHOLE):
         super().__init__()
         self.config = hf_config
-        self.model = self.model_cls(hf_config, self.qkv_bias, tp)
+        self.model = self.model_cls(hf_config, self.qkv_bias, tp, *([stage] if stage.size > 1 else []))
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
-        tied = self.model.embed_tokens if self.tie_word_embeddings else None
-        self.lm_head = LMHead(hf_config.vocab_size, hf_config.hidden_size, tied, tp)
+        # A tied head on a later stage than the embedding has its own copy, loaded from the embedding's tensor.
+        self.head_from_embedding = self.tie_word_embeddings and not stage.is_first
+        tied = self.model.embed_tokens if self.tie_word_embeddings and stage.is_first else None
+        self.lm_head = LMHead(hf_config.vocab_size, hf_config.hidden_size, tied, tp) if stage.is_last else None
+        self.absent_prefixes = stage.absent(hf_config.num_hidden_layers, "model.layers.", first=("model.embed_tokens.",),
+                                            last=("model.norm.", "lm_head."))
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """input_ids/positions [T] -> hidden states [T, hidden]."""
-        return self.model(input_ids, positions, meta)
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+        carried: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids/positions [T] -> hidden states [T, hidden] (a pipeline stage: see LlamaModel.forward)."""
+        if carried is None:  # models that are never split (Gemma 3) take no `carried`
+            return self.model(input_ids, positions, meta)
+        return self.model(input_ids, positions, meta, carried)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] (the rows to sample from) -> logits [N, vocab]."""
@@ -215,6 +241,8 @@ class LlamaForCausalLM(nn.Module):
         """HF checkpoint tensor name -> (parameter name, shard of a fused layer), or None to skip the tensor."""
         if "rotary_emb.inv_freq" in name or (self.tie_word_embeddings and name.startswith("lm_head.")):
             return None
+        if self.head_from_embedding and name == "model.embed_tokens.weight":
+            return "lm_head.weight", None
         for checkpoint, (fused, shard) in _FUSED.items():
             if f".{checkpoint}." in name:
                 return name.replace(f".{checkpoint}.", f".{fused}."), shard

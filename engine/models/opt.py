@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vdeploy_engine.distributed.parallel import SINGLE, TPGroup
+from vdeploy_engine.distributed.parallel import SINGLE, WHOLE, Stage, TPGroup
 from vdeploy_engine.layers.attention import Attention, AttentionMetadata, HeadsPerRank
 from vdeploy_engine.layers.embedding import LMHead, VocabEmbedding
 from vdeploy_engine.layers.linear import Linear
@@ -62,26 +62,43 @@ class OPTDecoderLayer(nn.Module):
 
 
 class OPTDecoder(nn.Module):
-    def __init__(self, hf_config: Any, tp: TPGroup):
+    """On a pipeline stage: the stage's layers (placeholders keep the others' numbers); the first stage embeds tokens
+    and positions, the last normalises and projects out."""
+
+    def __init__(self, hf_config: Any, tp: TPGroup, stage: Stage):
         super().__init__()
         dim, embed_dim = hf_config.hidden_size, hf_config.word_embed_proj_dim
-        self.embed_tokens = VocabEmbedding(hf_config.vocab_size, embed_dim, tp)
-        self.embed_positions = VocabEmbedding(hf_config.max_position_embeddings + POSITION_OFFSET, dim)
-        self.project_in = Linear(embed_dim, dim) if embed_dim != dim else None
-        self.project_out = Linear(dim, embed_dim) if embed_dim != dim else None
-        self.layers = nn.ModuleList(OPTDecoderLayer(hf_config, tp) for _ in range(hf_config.num_hidden_layers))
+        first, last, self.held = stage.is_first, stage.is_last, stage.layers(hf_config.num_hidden_layers)
+        self.embed_tokens = VocabEmbedding(hf_config.vocab_size, embed_dim, tp) if first else None
+        self.embed_positions = VocabEmbedding(hf_config.max_position_embeddings + POSITION_OFFSET, dim) if first else None
+        self.project_in = Linear(embed_dim, dim) if embed_dim != dim and first else None
+        self.project_out = Linear(dim, embed_dim) if embed_dim != dim and last else None
+        self.layers = nn.ModuleList(OPTDecoderLayer(hf_config, tp) if i in self.held else nn.Identity()
+                                    for i in range(hf_config.num_hidden_layers))
         keep_final_norm = hf_config.do_layer_norm_before and not getattr(hf_config, "_remove_final_layer_norm", False)
         self.final_layer_norm = (
-            nn.LayerNorm(dim, elementwise_affine=hf_config.layer_norm_elementwise_affine) if keep_final_norm else None
+            nn.LayerNorm(dim, elementwise_affine=hf_config.layer_norm_elementwise_affine)
+            if keep_final_norm and last else None
         )
+        self.is_last = last
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)
-        if self.project_in is not None:
-            hidden = self.project_in(hidden)
-        hidden = hidden + self.embed_positions(positions + POSITION_OFFSET)
-        for layer in self.layers:
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+        carried: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Hidden states; on a stage other than the first, from `carried` ([1, T, hidden], the previous stage's
+        output), and on a stage other than the last, that output."""
+        if carried is None:
+            hidden = self.embed_tokens(input_ids)
+            if self.project_in is not None:
+                hidden = self.project_in(hidden)
+            hidden = hidden + self.embed_positions(positions + POSITION_OFFSET)
+        else:
+            hidden = carried[0]
+        for layer in self.layers[self.held.start : self.held.stop]:
             hidden = layer(hidden, meta)
+        if not self.is_last:
+            return hidden.unsqueeze(0)
         if self.final_layer_norm is not None:
             hidden = self.final_layer_norm(hidden)
         if self.project_out is not None:
@@ -90,22 +107,35 @@ class OPTDecoder(nn.Module):
 
 
 class OPTModel(nn.Module):
-    def __init__(self, hf_config: Any, tp: TPGroup):
+    def __init__(self, hf_config: Any, tp: TPGroup, stage: Stage):
         super().__init__()
-        self.decoder = OPTDecoder(hf_config, tp)
+        self.decoder = OPTDecoder(hf_config, tp, stage)
 
 
 class OPTForCausalLM(nn.Module):
-    def __init__(self, hf_config: Any, tp: TPGroup = SINGLE):
+    carries = 1  # [T, hidden] tensors a pipeline stage passes to the next
+
+    def __init__(self, hf_config: Any, tp: TPGroup = SINGLE, stage: Stage = WHOLE):
         super().__init__()
         self.config = hf_config
-        self.model = OPTModel(hf_config, tp)
+        self.model = OPTModel(hf_config, tp, stage)
+        # The head is tied to the token embedding; on a later stage than the embedding it is a copy of its tensor.
+        self.head_from_embedding = not stage.is_first
         embed = self.model.decoder.embed_tokens
-        self.lm_head = LMHead(hf_config.vocab_size, hf_config.word_embed_proj_dim, embed, tp)
+        self.lm_head = LMHead(hf_config.vocab_size, hf_config.word_embed_proj_dim, embed, tp) if stage.is_last else None
+        decoder = "model.decoder."
+        self.absent_prefixes = stage.absent(
+            hf_config.num_hidden_layers, decoder + "layers.",
+            first=tuple(decoder + part for part in ("embed_tokens.", "embed_positions.", "project_in.")),
+            last=(decoder + "final_layer_norm.", decoder + "project_out."),
+        )
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """input_ids/positions [T] -> hidden states [T, word_embed_proj_dim]."""
-        return self.model.decoder(input_ids, positions, meta)
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+        carried: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids/positions [T] -> hidden states [T, word_embed_proj_dim] (a pipeline stage: see OPTDecoder)."""
+        return self.model.decoder(input_ids, positions, meta, carried)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
@@ -116,6 +146,8 @@ class OPTForCausalLM(nn.Module):
             return None
         if name.startswith("decoder."):
             name = "model." + name
+        if self.head_from_embedding and name == "model.decoder.embed_tokens.weight":
+            return "lm_head.weight", None
         for shard in ("q", "k", "v"):
             if f".self_attn.{shard}_proj." in name:
                 return name.replace(f".{shard}_proj.", ".qkv_proj."), shard

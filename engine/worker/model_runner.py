@@ -15,11 +15,13 @@ overhead being what the process holds beyond its tensors. Either way `measured` 
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable
 from types import SimpleNamespace
 
 import torch
+import torch.distributed as dist
 
 from vdeploy_engine import progress
 from vdeploy_engine.config import EngineConfig
@@ -40,6 +42,9 @@ logger = logging.getLogger(__name__)
 _MiB = 1 << 20
 _GiB = 1 << 30
 _DEFAULT_GRAPH_BYTES = 256 * _MiB  # graph pool reserve when no plan predicted one
+# Under pipeline parallelism a step's sequences run as this many micro-batches per stage: with S stages and M
+# micro-batches the stages idle (S - 1) / (M + S - 1) of a step, filling and draining the pipeline.
+MICRO_BATCHES_PER_STAGE = 2
 
 
 def _kv_dtype(config: EngineConfig) -> torch.dtype:
@@ -91,7 +96,7 @@ class ModelRunner:
             layer.k_cache, layer.v_cache = k, v
         self._graph_logits: torch.Tensor | None = None  # this step's logits when a graph produced them
         self.graphs = None
-        if self.device.type == "cuda" and not config.enforce_eager:
+        if self.device.type == "cuda" and not config.enforce_eager and world.stage.size == 1:
             from vdeploy_engine.worker.cuda_graph import DecodeGraphs
 
             self._decode_buffers = _DecodeBuffers(config.max_num_seqs, self.max_blocks_per_seq, self.device)
@@ -174,6 +179,8 @@ class ModelRunner:
             layer.k_cache = layer.v_cache = None
 
         def step() -> None:
+            if self.world.stage.size > 1:
+                return self._profile_stage(input_ids, positions, meta, num_seqs)
             hidden = self.model(input_ids, positions, meta)
             _sampler_peak(self.model.compute_logits(hidden[cu[1:].long() - 1]))
 
@@ -188,6 +195,27 @@ class ModelRunner:
         finally:
             for layer, (k, v) in zip(self.attn_layers, bound, strict=True):
                 layer.k_cache, layer.v_cache = k, v
+
+    def _profile_stage(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, num_seqs: int
+    ) -> None:
+        """A pipeline stage's share of the profiling step: its layers over a whole batch (zeros from the previous
+        stage), the logits on the last stage, the sampler on rank 0 (which receives the logits)."""
+        stage = self.world.stage
+        carried = None if stage.is_first else self._carried_zeros(len(input_ids))
+        hidden = self.model(input_ids, positions, meta, carried)
+        if stage.is_last:
+            self.model.compute_logits(hidden[:num_seqs])
+        if self.world.rank == 0:
+            _sampler_peak(torch.zeros(num_seqs, self.model.config.vocab_size, dtype=self._dtype, device=self.device))
+
+    def _carried_zeros(self, num_tokens: int) -> torch.Tensor:
+        shape = (self.model.carries, num_tokens, self.model.config.hidden_size)
+        return torch.zeros(shape, dtype=self._dtype, device=self.device)
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return getattr(torch, self.config.dtype)
 
     def _on_all_ranks(self, method: str, *args: object) -> object:
         """Runs `method` here and, through the world's control channel, on every other rank's runner."""
@@ -215,11 +243,42 @@ class ModelRunner:
     ) -> torch.Tensor:
         """A step's forward pass over host inputs; the logits of `rows`."""
         self._move_blocks(moves)
+        if self.world.stage.size > 1:
+            return self._forward_pipelined(input_ids, positions, meta, rows)
         dev = self.device
         hidden = self.model(input_ids.to(dev), positions.to(dev), meta.to(dev))
         if len(rows) < len(hidden):  # indexing by a host list waits for the GPU: a decode step (every row) skips it
             hidden = hidden[rows]
         return self.model.compute_logits(hidden)
+
+    def _forward_pipelined(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, rows: list[int]
+    ) -> torch.Tensor | None:
+        """This rank's stage of a step, micro-batch after micro-batch: each micro-batch's activations go on to the
+        next stage while this one runs the next micro-batch, so that the stages work at once. The last stage sends
+        the logits of `rows` back to rank 0, which returns them (other ranks return None)."""
+        world, stage, dev = self.world, self.world.stage, self.device
+        sending = []  # tensors in flight to the next stage, with their handles: kept until sent
+        parts = micro_batches(meta, len(input_ids), rows, stage.size * MICRO_BATCHES_PER_STAGE)
+        for tokens, part_meta, part_rows in parts:
+            carried = None
+            if not stage.is_first:
+                shape = (self.model.carries, tokens.stop - tokens.start, self.model.config.hidden_size)
+                carried = stage.receive(shape, self._dtype, dev)
+            out = self.model(input_ids[tokens].to(dev), positions[tokens].to(dev), part_meta.to(dev), carried)
+            if not stage.is_last:
+                sending.append((out, stage.send(out)))
+            elif part_rows:
+                logits = self.model.compute_logits(out[part_rows])
+                if world.rank == world.sampler_rank:
+                    sending.append((logits, dist.isend(logits, 0)))
+        logits = None
+        if world.rank == 0:
+            shapes = [(len(part_rows), self.model.config.vocab_size) for _, _, part_rows in parts if part_rows]
+            logits = torch.cat([_received(shape, self._dtype, dev, world.sampler_rank) for shape in shapes])
+        for _, handle in sending:
+            handle.wait()
+        return logits
 
     def can_run_ahead(self, step: SchedulerOutput) -> bool:
         """Whether `step` is a decode step a captured graph runs (what launch_decode takes)."""
@@ -346,6 +405,37 @@ _Moves = tuple[list, list, list]  # a step's KV block moves: swap_out, swap_in, 
 
 def _moves(step: SchedulerOutput) -> _Moves:
     return step.swap_out, step.swap_in, step.copies
+
+
+def micro_batches(
+    meta: AttentionMetadata, num_tokens: int, rows: list[int], parts: int
+) -> list[tuple[slice, AttentionMetadata, list[int]]]:
+    """A step's sequences in up to `parts` consecutive groups of about as many tokens each: for each, its tokens,
+    its attention metadata and its rows of `rows` (counted from its first token). Host tensors in, host tensors out;
+    every stage computes the same split from the same inputs."""
+    num_seqs = len(meta.seq_lens)
+    cu = meta.cu_seqlens_q.long() if meta.cu_seqlens_q is not None else torch.arange(num_seqs + 1)
+    # The first sequence of each group: where its cumulative tokens reach k/parts of the step's, never empty.
+    cuts = [0]
+    for k in range(1, min(parts, num_seqs)):
+        cut = int(torch.searchsorted(cu, k * num_tokens / parts))
+        if cuts[-1] < cut < num_seqs:
+            cuts.append(cut)
+    cuts.append(num_seqs)
+    out = []
+    for first, end in itertools.pairwise(cuts):
+        start, stop = int(cu[first]), int(cu[end])
+        part_cu = None if meta.cu_seqlens_q is None else (meta.cu_seqlens_q[first : end + 1] - start)
+        part_meta = AttentionMetadata(meta.slot_mapping[start:stop], meta.seq_lens[first:end],
+                                      meta.block_tables[first:end], part_cu)
+        out.append((slice(start, stop), part_meta, [r - start for r in rows if start <= r < stop]))
+    return out
+
+
+def _received(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, source: int) -> torch.Tensor:
+    x = torch.empty(shape, dtype=dtype, device=device)
+    dist.recv(x, source)
+    return x
 
 
 def _sampler_peak(logits: torch.Tensor) -> None:

@@ -16,7 +16,8 @@ ENGINE = Path(vdeploy_engine.__file__).parent
 
 # EngineConfig field -> a recipe asking for a value of it the built-in engine cannot run, and the field lint names.
 REFUSED = {
-    "pipeline_parallel_size": ("parallelism: {pipeline_parallel_size: 2}", "parallelism.pipeline_parallel_size"),
+    "pipeline_parallel_size": ("runner: pooling\nconvert: embed\nparallelism: {pipeline_parallel_size: 2}",
+                               "parallelism.pipeline_parallel_size"),
     "distributed_executor_backend": ("parallelism: {tensor_parallel_size: 2, distributed_executor_backend: ray}",
                                      "parallelism.distributed_executor_backend"),
     "cpu_offload_gb": ("memory: {cpu_offload_gb: 2}", "memory.cpu_offload_gb"),
@@ -66,3 +67,23 @@ def test_lint_refuses_what_the_builtin_engine_cannot_run(cli, write_recipe, fiel
     assert diagnostic["line"] == next(i for i, line in enumerate(text.splitlines(), 1) if where.split(".")[-1] in line)
     vllm = cli("lint", "--format", "json", write_recipe(text + "\nhardware: {profile: l4, count: 2}\nbackend: vllm\n"))
     assert "VD210" not in [d["code"] for d in vllm.json()]
+
+
+@pytest.mark.parametrize(
+    ("model", "stages", "refused"),
+    [
+        ("google/gemma-3-270m-it", 2, "cannot split Gemma3ForCausalLM into pipeline stages"),
+        ("facebook/opt-125m", 16, "pipeline_parallel_size 16 is more than the model's 12 layers"),
+        ("facebook/opt-125m", 2, None),
+    ],
+    ids=["architecture-not-split", "more-stages-than-layers", "opt-splits"],
+)
+def test_lint_refuses_the_pipelines_the_builtin_engine_cannot_run(cli, write_recipe, model, stages, refused):
+    text = f"model: {model}\nparallelism: {{pipeline_parallel_size: {stages}}}\nhardware: {{profile: cpu}}\n"
+    diagnostics = cli("lint", "--format", "json", write_recipe(text)).json()
+    vd210 = [d for d in diagnostics if d["code"] == "VD210"]
+    if refused is None:
+        assert not vd210
+        return
+    [diagnostic] = vd210
+    assert refused in diagnostic["message"] and diagnostic["line"] == 2
