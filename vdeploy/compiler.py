@@ -158,6 +158,9 @@ class _Compiler:
         elif pp > 1 and f is not None and pp > f.num_layers:
             self.error("VD210", f"pipeline_parallel_size {pp} is more than the model's {f.num_layers} layers",
                        "parallelism.pipeline_parallel_size", f"use at most {f.num_layers} stages")
+        if pp > 1 and r.runtime.enforce_eager is False and self.device == "cuda":
+            self.error("VD210", "the builtin engine captures no CUDA graphs across pipeline stages",
+                       "runtime.enforce_eager", hint + "`enforce_eager: true`")
         if par.distributed_executor_backend == "ray":
             self.error("VD210", "the builtin engine has no ray executor; its ranks run on one host",
                        "parallelism.distributed_executor_backend", hint + "`distributed_executor_backend: mp`")
@@ -261,6 +264,9 @@ class _Compiler:
             if not p.cuda_graphs:
                 return self.decide("runtime.enforce_eager", True, f"CUDA graphs are unsafe on the {p.name} "
                                    "(capture fragments its small memory)")
+            if r.backend == "builtin" and r.parallelism.pipeline_parallel_size > 1:
+                return self.decide("runtime.enforce_eager", True, "the builtin engine captures no CUDA graphs "
+                                   "across pipeline stages")
             return self.decide("runtime.enforce_eager", False, "decode runs as captured CUDA graphs (less CPU "
                                "overhead per step)")
         if r.runtime.enforce_eager is False and self.device == "cuda" and not p.cuda_graphs:

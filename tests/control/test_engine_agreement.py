@@ -87,3 +87,12 @@ def test_lint_refuses_the_pipelines_the_builtin_engine_cannot_run(cli, write_rec
         return
     [diagnostic] = vd210
     assert refused in diagnostic["message"] and diagnostic["line"] == 2
+
+
+def test_lint_refuses_cuda_graphs_across_pipeline_stages(cli, write_recipe):
+    text = ("model: facebook/opt-125m\nparallelism: {pipeline_parallel_size: 2}\nruntime: {enforce_eager: false}\n"
+            "hardware: {profile: l4, count: 2}\n")
+    [diagnostic] = [d for d in cli("lint", "--format", "json", write_recipe(text)).json() if d["code"] == "VD210"]
+    assert "CUDA graphs" in diagnostic["message"] and diagnostic["line"] == 3
+    plan = cli("plan", "--format", "json", write_recipe(text.replace("enforce_eager: false", "seed: 0"))).json()
+    assert plan["engine"]["enforce_eager"] is True and plan["memory"]["cuda_graph_bytes"] == 0
