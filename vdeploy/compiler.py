@@ -161,9 +161,6 @@ class _Compiler:
         if pp > 1 and r.runtime.enforce_eager is False and self.device == "cuda":
             self.error("VD210", "the builtin engine captures no CUDA graphs across pipeline stages",
                        "runtime.enforce_eager", hint + "`enforce_eager: true`")
-        if par.distributed_executor_backend == "ray":
-            self.error("VD210", "the builtin engine has no ray executor; its ranks run on one host",
-                       "parallelism.distributed_executor_backend", hint + "`distributed_executor_backend: mp`")
         if m.cpu_offload_gb > 0:
             self.error("VD210", "the builtin engine keeps every weight on the GPU (no CPU offload)",
                        "memory.cpu_offload_gb", hint + "more GPUs (`tensor_parallel_size`) or a quantized checkpoint")

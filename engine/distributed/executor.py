@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from vdeploy_engine.config import EngineConfig
@@ -30,10 +31,15 @@ START_SECONDS = 60.0  # a new rank has this long to send its first heartbeat (be
 _POLL_SECONDS = 0.5
 
 
-def start_executor(config: EngineConfig) -> MPExecutor | None:
-    """The worker ranks for `config`; None when the model runs in this process alone."""
+def start_executor(config: EngineConfig) -> Any:
+    """The worker ranks for `config` (an executor with `world` and `shutdown()`); None when the model runs in this
+    process alone."""
     if config.tensor_parallel_size * config.pipeline_parallel_size == 1:
         return None
+    if config.distributed_executor_backend == "ray":
+        from vdeploy_engine.distributed.ray_executor import RayExecutor
+
+        return RayExecutor(config)
     return MPExecutor(config)
 
 
@@ -44,7 +50,7 @@ class MPExecutor:
         from vdeploy_engine.distributed.parallel import init_world
 
         size = config.tensor_parallel_size * config.pipeline_parallel_size
-        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        init_method = f"tcp://127.0.0.1:{free_port()}"
         # A fresh interpreter per rank (not multiprocessing's spawn, which re-imports the caller's main script).
         self.workers: dict[int, subprocess.Popen] = {}
         self._beats: dict[int, int] = {}  # rank -> read end of its heartbeat pipe
@@ -110,15 +116,19 @@ class MPExecutor:
         return None
 
     def _fail(self, problem: str) -> None:
-        """Ends the engine: rank 0 may be blocked in a collective that will never complete, so no cleaner way out."""
-        message = f"parallel engine: {problem}; stopping the engine and its other ranks"
-        logger.error(message)
-        # Straight to the file descriptor: torch.distributed's excepthook swaps sys.stderr for a buffer while it
-        # formats a failed collective's traceback in the main thread, which may be this very moment.
-        os.write(2, f"ERROR {message}\n".encode())
-        for worker in self.workers.values():
-            worker.kill()
-        os._exit(1)
+        end_engine(problem, lambda: [worker.kill() for worker in self.workers.values()])
+
+
+def end_engine(problem: str, stop_ranks: Callable[[], object]) -> None:
+    """Ends the engine for a lost rank: rank 0 may be blocked in a collective that will never complete, so no cleaner
+    way out."""
+    message = f"parallel engine: {problem}; stopping the engine and its other ranks"
+    logger.error(message)
+    # Straight to the file descriptor: torch.distributed's excepthook swaps sys.stderr for a buffer while it formats
+    # a failed collective's traceback in the main thread, which may be this very moment.
+    os.write(2, f"ERROR {message}\n".encode())
+    stop_ranks()
+    os._exit(1)
 
 
 def worker_main(rank: int, init_method: str, heartbeat_fd: int, parent_pid: int) -> None:
@@ -129,18 +139,21 @@ def worker_main(rank: int, init_method: str, heartbeat_fd: int, parent_pid: int)
         format=f"%(asctime)s %(levelname)s rank {rank} %(name)s: %(message)s",
     )
     try:
-        from vdeploy_engine.distributed.parallel import init_world
-
-        config = EngineConfig.from_json(sys.stdin.read())
-        world = init_world(rank, config.tensor_parallel_size, config.pipeline_parallel_size, config.device,
-                           init_method)
-        runner = build_runner(config, world)
-        while (message := world.receive()) is not None:
-            method, args = message
-            getattr(runner, method)(*args)
+        serve_rank(rank, EngineConfig.from_json(sys.stdin.read()), init_method)
     except BaseException as exc:  # the watchdog in rank 0 reports the exit; say why here
         print(f"ERROR rank {rank}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         os._exit(1)
+
+
+def serve_rank(rank: int, config: EngineConfig, init_method: str) -> None:
+    """Joins the group, loads this rank's part of the model, then runs rank 0's messages until it says stop."""
+    from vdeploy_engine.distributed.parallel import init_world
+
+    world = init_world(rank, config.tensor_parallel_size, config.pipeline_parallel_size, config.device, init_method)
+    runner = build_runner(config, world)
+    while (message := world.receive()) is not None:
+        method, args = message
+        getattr(runner, method)(*args)
 
 
 def build_runner(config: EngineConfig, world: Any) -> Any:
@@ -174,9 +187,9 @@ def _heartbeat(fd: int, parent_pid: int) -> None:
         time.sleep(_POLL_SECONDS)
 
 
-def _free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 

@@ -18,8 +18,6 @@ ENGINE = Path(vdeploy_engine.__file__).parent
 REFUSED = {
     "pipeline_parallel_size": ("runner: pooling\nconvert: embed\nparallelism: {pipeline_parallel_size: 2}",
                                "parallelism.pipeline_parallel_size"),
-    "distributed_executor_backend": ("parallelism: {tensor_parallel_size: 2, distributed_executor_backend: ray}",
-                                     "parallelism.distributed_executor_backend"),
     "cpu_offload_gb": ("memory: {cpu_offload_gb: 2}", "memory.cpu_offload_gb"),
     "kv_cache_dtype": ("memory: {kv_cache_dtype: fp8}", "memory.kv_cache_dtype"),
 }

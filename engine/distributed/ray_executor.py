@@ -1,0 +1,131 @@
+"""The `ray` executor: the ranks of the `mp` executor, started as Ray actors that a placement group puts on the
+cluster's nodes (one GPU, or one CPU, each), for a replica larger than one machine. The engine's process is rank 0
+and the Ray driver: it joins the cluster RAY_ADDRESS names (or starts a local one), reserves a bundle per other rank,
+and meets the actors in torch.distributed at its own address.
+
+Liveness as under `mp`: a rank whose actor ends (its process killed, or an error) or stops answering pings for
+HANG_SECONDS ends the engine with an error naming it. The actors are owned by the engine's process, so Ray removes
+them when it goes (no orphans).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+from vdeploy_engine.config import EngineConfig
+from vdeploy_engine.distributed.executor import HANG_SECONDS, START_SECONDS, end_engine, free_port, serve_rank
+
+_POLL_SECONDS = 0.5
+
+
+class RankActor:
+    """One worker rank in a Ray worker process. Two calls may run at once: `serve` for the rank's whole life, and
+    `ping`, which the watchdog sends to tell a busy rank from a hung one."""
+
+    def serve(self, rank: int, config_json: str, init_method: str) -> None:
+        logging.basicConfig(
+            level=os.environ.get("VDEPLOY_LOG_LEVEL", "INFO"),
+            format=f"%(asctime)s %(levelname)s rank {rank} %(name)s: %(message)s",
+        )
+        serve_rank(rank, EngineConfig.from_json(config_json), init_method)
+
+    def ping(self) -> int:
+        return os.getpid()
+
+
+class RayExecutor:
+    def __init__(self, config: EngineConfig):
+        try:
+            import ray
+        except ModuleNotFoundError:
+            raise RuntimeError(
+                "distributed_executor_backend: ray needs the ray package on the engine's host "
+                "(pip install 'vdeploy[ray]'), or use distributed_executor_backend: mp on one host"
+            ) from None
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from vdeploy_engine.distributed.parallel import init_world
+
+        self._ray = ray
+        ray.init(ignore_reinit_error=True)  # RAY_ADDRESS, if set, names the cluster
+        size = config.tensor_parallel_size * config.pipeline_parallel_size
+        per_rank = {"GPU": 1} if config.device == "cuda" else {"CPU": 1}
+        self.group = placement_group([per_rank] * (size - 1), strategy="PACK")
+        if not self.group.wait(START_SECONDS):
+            ray.util.remove_placement_group(self.group)
+            raise RuntimeError(
+                f"the Ray cluster has no room for {size - 1} more ranks of one {next(iter(per_rank))} each within "
+                f"{START_SECONDS:.0f} s (cluster resources: {ray.cluster_resources()})"
+            )
+        host = ray.util.get_node_ip_address()
+        init_method = f"tcp://{host}:{free_port(host)}"
+        actor = ray.remote(RankActor)
+        self.actors: dict[int, Any] = {}
+        self._runs: dict[int, Any] = {}
+        for rank in range(1, size):
+            strategy = PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=rank - 1)
+            self.actors[rank] = actor.options(
+                num_cpus=per_rank.get("CPU", 0), num_gpus=per_rank.get("GPU", 0), max_concurrency=2,
+                scheduling_strategy=strategy,
+            ).remote()
+            self._runs[rank] = self.actors[rank].serve.remote(rank, config.to_json(), init_method)
+        self._stopping = threading.Event()
+        threading.Thread(target=self._watch, name="rank-watchdog", daemon=True).start()
+        atexit.register(self.shutdown)
+        self.world = init_world(0, config.tensor_parallel_size, config.pipeline_parallel_size, config.device,
+                                init_method)
+
+    def shutdown(self) -> None:
+        """Tells the ranks to stop, waits for them, and frees their placement group."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        import torch.distributed as dist
+
+        ray = self._ray
+        try:
+            self.world.broadcast(None)
+            ray.wait(list(self._runs.values()), num_returns=len(self._runs), timeout=10)
+        finally:
+            for actor in self.actors.values():
+                ray.kill(actor)
+            ray.util.remove_placement_group(self.group)
+            dist.destroy_process_group()
+
+    def _watch(self) -> None:
+        ray = self._ray
+        started = time.monotonic()
+        pings = {rank: (actor.ping.remote(), started) for rank, actor in self.actors.items()}
+        pids: dict[int, int] = {}
+        while not self._stopping.is_set():
+            ended, _ = ray.wait(list(self._runs.values()), timeout=_POLL_SECONDS)
+            if self._stopping.is_set():
+                return
+            for rank, run in self._runs.items():
+                if run in ended:
+                    self._fail(f"rank {rank} (ray actor, pid {pids.get(rank, '?')}) exited: {_why(ray, run)}")
+            now = time.monotonic()
+            for rank, (ping, sent) in pings.items():
+                if ray.wait([ping], timeout=0)[0]:
+                    pids[rank] = ray.get(ping)
+                    pings[rank] = (self.actors[rank].ping.remote(), now)
+                elif now - sent > (HANG_SECONDS if rank in pids else START_SECONDS):
+                    self._fail(f"rank {rank} (ray actor, pid {pids.get(rank, '?')}) stopped responding "
+                               f"(no answer to a ping for {now - sent:.0f} s)")
+
+    def _fail(self, problem: str) -> None:
+        end_engine(problem, lambda: [self._ray.kill(actor) for actor in self.actors.values()])
+
+
+def _why(ray: Any, run: Any) -> str:
+    try:
+        ray.get(run)
+    except Exception as exc:  # the actor's error, or that its process died
+        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1]}"
+    return "it returned before the engine stopped"
