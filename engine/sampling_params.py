@@ -11,6 +11,7 @@ _GREEDY_EPSILON = 1e-5  # temperatures below this decode greedily, as in vLLM
 # A seed must fit torch's 64-bit generator after the sequence index (< 128 choices) is added to it; vLLM takes the
 # range of a signed 64-bit integer.
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+LOGIT_BIAS_LIMIT = 100.0  # OpenAI's range for a logit bias; vLLM clamps biases into it
 _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 
 
@@ -76,6 +77,7 @@ class SamplingParams:
     logprobs: int | None = None  # number of top logprobs per generated token (plus the sampled one)
     skip_special_tokens: bool = True
     structured_outputs: StructuredOutputs | None = None
+    logit_bias: dict[int, float] | None = None  # added to these token ids' logits (JSON sends the ids as text)
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -83,6 +85,8 @@ class SamplingParams:
             self.top_k = 0
         self.stop_strings = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.logit_bias is not None:
+            self.logit_bias = _checked_logit_bias(self.logit_bias)
         for name in _FLOAT_FIELDS:  # NaN passes every range check below, and inf turns logits into NaN
             if not math.isfinite(getattr(self, name)):
                 raise SamplingParamsError(name, f"must be a finite number, got {getattr(self, name)}")
@@ -127,8 +131,28 @@ class SamplingParams:
     def argmax_only(self) -> bool:
         """The next token is the argmax of the raw logits: greedy, no logprobs, no penalties (what a decode graph
         computes by itself, no token mask)."""
-        return self.greedy and self.logprobs is None and not self.has_penalties and self.structured_outputs is None
+        return (
+            self.greedy
+            and self.logprobs is None
+            and not self.has_penalties
+            and self.structured_outputs is None
+            and not self.logit_bias
+        )
 
     @property
     def has_penalties(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+def _checked_logit_bias(bias: dict) -> dict[int, float]:
+    """{token id: bias} with int ids (a JSON object's keys are text) and each bias clamped to +-LOGIT_BIAS_LIMIT, as
+    vLLM does; whether the ids are in the vocabulary is the engine's check (it knows the model)."""
+    checked = {}
+    for token, value in bias.items():
+        digits = isinstance(token, str) and token.isascii() and token.isdigit() and len(token) < 20
+        if not (digits or (type(token) is int and token >= 0)):
+            raise SamplingParamsError("logit_bias", f"keys must be token ids (non-negative integers), got {token!r}")
+        if type(value) not in (int, float) or not math.isfinite(value):
+            raise SamplingParamsError("logit_bias", f"the bias of token {token} must be a finite number, got {value!r}")
+        checked[int(token)] = min(LOGIT_BIAS_LIMIT, max(-LOGIT_BIAS_LIMIT, float(value)))
+    return checked

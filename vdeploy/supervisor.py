@@ -75,7 +75,8 @@ def free_port() -> int:
 
 
 def stop_process_group(pid: int, grace: float = STOP_GRACE_S, create_time: float | None = None) -> None:
-    """SIGTERM the process group led by `pid`, SIGKILL it after `grace` s; waits until every member is gone.
+    """SIGTERM (and SIGCONT) the process group led by `pid`, SIGKILL it after `grace` s; waits until every member is
+    gone.
 
     With `create_time`, acts only if `pid` is still the process that was started then (pids get reused).
     """
@@ -88,6 +89,7 @@ def stop_process_group(pid: int, grace: float = STOP_GRACE_S, create_time: float
     if not _group_members(pid):
         return
     _signal_group(pid, signal.SIGTERM)
+    _signal_group(pid, signal.SIGCONT)  # as systemd does: a stopped (hung) process must run to act on the SIGTERM
     if not _wait_group_gone(pid, grace):
         _signal_group(pid, signal.SIGKILL)
         _wait_group_gone(pid, 5.0)

@@ -144,6 +144,11 @@ class LLMEngine:
         bad = next((t for t in params.stop_token_ids if t >= self.vocab_size), None)
         if bad is not None:
             raise SamplingParamsError("stop_token_ids", f"{bad} is outside the vocabulary (0..{self.vocab_size - 1})")
+        outside = sorted(t for t in params.logit_bias or {} if t >= self.vocab_size)
+        if outside:
+            raise SamplingParamsError(
+                "logit_bias", f"token ids {outside[:5]} are outside the vocabulary (0..{self.vocab_size - 1})"
+            )
         if params.logprobs is not None and params.logprobs > self.vocab_size:
             raise SamplingParamsError("logprobs", f"must be <= the vocabulary size {self.vocab_size}")
 

@@ -59,6 +59,7 @@ _SAMPLING_FIELDS = (
     "frequency_penalty",
     "stop",
     "stop_token_ids",
+    "logit_bias",
     "seed",
     "min_tokens",
     "ignore_eos",

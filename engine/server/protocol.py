@@ -64,6 +64,7 @@ class SamplingRequest(Request):
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as text) -> bias, clamped to [-100, 100]
     seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | None = None  # torch's generator takes 64 bits
     n: Annotated[int, Field(ge=1, le=128)] = 1
     min_tokens: Annotated[int, Field(ge=0)] = 0

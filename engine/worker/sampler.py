@@ -1,10 +1,11 @@
 """Turns one logits row per sequence into the next token, following each sequence's SamplingParams (vLLM semantics).
 
 Order: structured-output token masks (so logprobs show the constraint, as in vLLM); logprobs from those logits (as
-vLLM's default `raw_logprobs`); then min_tokens masking of EOS and stop token ids, penalties, greedy argmax or temperature / top-k / top-p / min-p and a draw. A draw is an argmax of
-probs / Exp(1) noise (the Gumbel-max trick): a seeded request takes its noise from its own generator, so its tokens do
-not depend on what else is in the batch. Work is batched across rows; per-row Python runs only for the rows that use
-penalties or a seed.
+vLLM's default `raw_logprobs`); then min_tokens masking of EOS and stop token ids, logit_bias, penalties, greedy
+argmax or temperature / top-k / top-p / min-p and a draw. A draw is an argmax of probs / Exp(1) noise (the
+Gumbel-max trick): a seeded request takes its noise from its own generator, so its tokens do not depend on what else
+is in the batch. Work is batched across rows; per-row Python runs only for the rows that use a logit bias, penalties
+or a seed.
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ class Sampler:
             apply_token_masks(logits)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(p.logprobs is not None for p in params) else None
         logits = self._mask_early_stops(logits, stop_ids)
+        for i, p in enumerate(params):
+            if p.logit_bias:
+                ids = torch.tensor(list(p.logit_bias), device=logits.device)
+                logits[i, ids] += torch.tensor(list(p.logit_bias.values()), device=logits.device)
         for i, seq in enumerate(seqs):
             if params[i].has_penalties:
                 logits[i] = _apply_penalties(logits[i], seq)

@@ -11,18 +11,16 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 import yaml
 
-from vdeploy.supervisor import free_port
+from tests.fixtures.deployments import CliDeployment, Load, live, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -32,14 +30,12 @@ NAME = f"quickstart-e2e-{os.getpid()}"  # unique: other runs on this host must n
 WAIT = "300"  # seconds apply may wait for a replica (the model loads in ~15-50 s on a busy 2-core box)
 
 
-class World:
-    """The test's private state directory, recipe files and a CLI runner."""
+class World(CliDeployment):
+    """The quick-start recipe under a private state directory, and files of it with changes."""
 
     def __init__(self, root: Path):
-        self.root = root
-        self.env = {**os.environ, "VDEPLOY_STATE_DIR": str(root / "state")}
+        super().__init__(root, NAME)
         self.env.pop("VDEPLOY_UNSET_KEY", None)
-        self.port = free_port()
         self.base = yaml.safe_load(QUICKSTART.read_text())
         self.base.update(name=NAME, server={**self.base.get("server", {}), "port": self.port})
 
@@ -55,24 +51,6 @@ class World:
         path.write_text(yaml.safe_dump(data))
         return path
 
-    def vdeploy(self, *args: str, timeout: float = 400) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "vdeploy.cli", *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            cwd=self.root,
-        )
-
-    def status(self) -> dict:
-        result = self.vdeploy("status", NAME, "--format", "json")
-        assert result.returncode == 0, result.stderr
-        return json.loads(result.stdout)
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
     def complete(self, client: httpx.Client) -> httpx.Response:
         body = {
             "model": self.base["served_model_name"],
@@ -81,29 +59,6 @@ class World:
             "temperature": 0,
         }
         return client.post(self.url("/v1/completions"), json=body, timeout=60)
-
-    def processes(self) -> list[psutil.Process]:
-        """Every live process started for this deployment (their command lines name the state directory)."""
-        found = []
-        for proc in psutil.process_iter(["cmdline", "status"]):
-            try:
-                cmdline = " ".join(proc.info["cmdline"] or [])
-                mine = str(self.root / "state") in cmdline or f"vdeploy.supervisor {NAME}" in cmdline
-                if mine and proc.info["status"] != psutil.STATUS_ZOMBIE:
-                    found.append(proc)
-            except psutil.Error:
-                continue
-        return found
-
-
-def wait_until(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 @pytest.fixture(scope="module")
@@ -160,36 +115,17 @@ def test_unchanged_apply_touches_nothing(world: World) -> None:
 
 
 def test_rollout_under_load_fails_no_request(world: World) -> None:
-    outcomes: list[tuple[int, str]] = []
-    stop = threading.Event()
-
-    def client_loop() -> None:
-        with httpx.Client() as client:
-            deadline = time.monotonic() + 400
-            while not stop.is_set() and time.monotonic() < deadline:
-                try:
-                    reply = world.complete(client)
-                    outcomes.append((reply.status_code, reply.headers.get("x-vdeploy-revision", "")))
-                except httpx.HTTPError as e:
-                    outcomes.append((0, repr(e)))
-
-    loop = threading.Thread(target=client_loop)
-    loop.start()
-    try:
+    with Load(world.complete, clients=1) as load:
         result = world.vdeploy("apply", str(world.recipe(memory__max_num_seqs=2)), "--timeout", WAIT, "-o", "json")
         time.sleep(1.0)  # a few requests against the new revision
-    finally:
-        stop.set()
-        loop.join()
     assert result.returncode == 0, result.stdout + result.stderr
     assert [(r["action"], r["revision"]) for r in json.loads(result.stdout)] == [("rolled out", 2)]
     # With -o json, the replica's phases are JSON events on stderr.
     events = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
     phases = [e["phase"] for e in events if (e["event"], e["name"], e["revision"]) == ("replica", NAME, 2)]
     assert "loading" in phases and phases.index("loading") < phases.index("warming") and phases[-1] == "ready"
-    failed = [o for o in outcomes if o[0] != 200]
-    assert not failed, f"{len(failed)} of {len(outcomes)} requests failed during the rollout: {failed[:3]}"
-    revisions = [o[1] for o in outcomes]
+    assert not load.failures(), f"during the rollout: {load.report()}"
+    revisions = [o.revision for o in load.outcomes]
     assert "1" in revisions and revisions[-1] == "2"  # served throughout: old revision first, new one at the end
     assert world.status()["revision"] == 2
 
@@ -250,23 +186,15 @@ def test_supervisor_killed_mid_apply_then_next_apply_recovers(world: World) -> N
     recipe = world.recipe(memory__max_num_seqs=3)
     assert world.vdeploy("apply", str(recipe), "--no-wait").returncode == 0
     status = wait_until(lambda: len(world.status()["replicas"]) == 2 and world.status(), 60, "the new replica")
-    supervisor, replicas = status_pid(world), [r["pid"] for r in status["replicas"]]
+    supervisor, replicas = world.supervisor_pid(), [r["pid"] for r in status["replicas"]]
     os.kill(supervisor, signal.SIGKILL)
     # The replicas die with it (PR_SET_PDEATHSIG), and the state stays readable.
-    wait_until(
-        lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in replicas),
-        15,
-        "the replicas to die with their supervisor",
-    )
+    wait_until(lambda: not any(map(live, replicas)), 15, "the replicas to die with their supervisor")
     status = world.status()
     assert status["running"] is False and status["revision"] is None
     result = world.vdeploy("apply", str(recipe), "--timeout", WAIT)
     assert result.returncode == 0, result.stdout + result.stderr
     assert world.status()["revision"] == 4 and world.status()["ready"] == 1  # 3 is the broken one
-
-
-def status_pid(world: World) -> int:
-    return json.loads((world.root / "state" / NAME / "status.json").read_text())["supervisor_pid"]
 
 
 def test_two_replicas_roll_one_at_a_time_and_share_the_load(world: World) -> None:
@@ -312,7 +240,7 @@ def test_foreground_supervisor_stops_cleanly_on_sigterm(world: World) -> None:
         wait_until(lambda: status_file.exists() and world.status()["ready"] == 1, 300, "the foreground replica")
         with httpx.Client() as client:
             assert world.complete(client).status_code == 200
-        assert status_pid(world) == process.pid
+        assert world.supervisor_pid() == process.pid
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
     finally:

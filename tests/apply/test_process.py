@@ -36,6 +36,22 @@ def test_stop_process_group_kills_stubborn_leader_and_children() -> None:
     assert not psutil.pid_exists(child_pid) or psutil.Process(child_pid).status() == psutil.STATUS_ZOMBIE
 
 
+def test_stop_process_group_ends_a_stopped_process_with_its_sigterm_not_the_grace_period() -> None:
+    # A hung replica (SIGSTOP here) that handles SIGTERM, as uvicorn does, must run to act on it: it gets SIGCONT
+    # with it, as systemd sends.
+    code = (
+        "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *_: sys.exit(3)); "
+        "print(1, flush=True); time.sleep(60)"
+    )
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, start_new_session=True)
+    process.stdout.readline()  # the handler is in place
+    process.send_signal(signal.SIGSTOP)
+    started = time.monotonic()
+    stop_process_group(process.pid, grace=20.0)
+    assert time.monotonic() - started < 10.0
+    assert process.wait(timeout=5) == 3  # its own SIGTERM handler ran
+
+
 def test_stop_process_group_leaves_a_reused_pid_alone() -> None:
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], start_new_session=True)
     try:

@@ -9,6 +9,7 @@ from engine_test_utils import random_prompts
 
 from vdeploy_engine import SamplingParams
 from vdeploy_engine.core.engine import InvalidPromptError
+from vdeploy_engine.sampling_params import SamplingParamsError
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
@@ -136,6 +137,20 @@ def test_stop_token_ids_end_generation_and_stay_in_the_tokens(make_llm, alone):
     first = reference.index(stop)
     assert out.outputs[0].token_ids == reference[: first + 1]
     assert (out.outputs[0].finish_reason, out.outputs[0].stop_reason) == ("stop", stop)
+
+
+def test_logit_bias_steers_the_tokens_and_ids_past_the_vocabulary_are_refused(make_llm, alone):
+    llm = make_llm()
+    forced = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logit_bias={"42": 100})
+    (out,) = llm.generate([PROMPTS[1]], forced, use_tqdm=False)
+    assert out.outputs[0].token_ids == [42] * 6
+    first = alone[1][0]
+    banned = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, logit_bias={str(first): -100})
+    (out,) = llm.generate([PROMPTS[1]], banned, use_tqdm=False)
+    assert out.outputs[0].token_ids[0] != first
+    vocab = llm.llm_engine.vocab_size
+    with pytest.raises(SamplingParamsError, match=rf"logit_bias: token ids \[{vocab}\] are outside"):
+        llm.generate([PROMPTS[1]], SamplingParams(logit_bias={str(vocab): 1}), use_tqdm=False)
 
 
 def test_stop_strings_cut_the_text(make_llm):

@@ -63,6 +63,17 @@ def test_min_tokens_masks_stop_ids():
     assert out.token_ids == [1]
 
 
+def test_logit_bias_shifts_logits_after_the_raw_logprobs_and_is_clamped():
+    assert draw(SamplingParams(temperature=0, logit_bias={"5": 4.5}), LOGITS) == {5}  # 0 + 4.5 > 4
+    assert draw(SamplingParams(temperature=0, logit_bias={0: -0.6}), LOGITS) == {1}  # 3.4 < 3.5
+    assert draw(SamplingParams(temperature=1.0, logit_bias={"7": 100}), LOGITS) == {7}
+    assert SamplingParams(logit_bias={"3": 1e6, "4": -1e6}).logit_bias == {3: 100.0, 4: -100.0}  # vLLM's clamp
+    (seq,) = seqs_for(SamplingParams(temperature=0, logprobs=0, logit_bias={"6": 50}))
+    out = Sampler(torch.device("cpu"), 0)(LOGITS.clone(), [seq], [set()])
+    assert out.token_ids == [6] and out.logprobs[0][0][1] == pytest.approx(float(torch.log_softmax(LOGITS[0], -1)[6]))
+    assert not SamplingParams(temperature=0, logit_bias={"1": 1}).argmax_only  # the decode graph's argmax ignores it
+
+
 def test_penalties_push_away_from_seen_tokens():
     seen = dict(prompt=(5,), outputs=(0, 0))
     assert draw(SamplingParams(temperature=0, frequency_penalty=1.0), LOGITS, **seen) == {1}  # 4 - 2 < 3.5
@@ -96,6 +107,10 @@ def test_logprobs_are_raw_log_softmax_with_ranks():
         (dict(stop=[""]), "stop"),
         (dict(presence_penalty=3), "presence_penalty"),
         (dict(logprobs=-1), "logprobs"),
+        (dict(logit_bias={"-1": 1.0}), "logit_bias"),
+        (dict(logit_bias={"a": 1.0}), "logit_bias"),
+        (dict(logit_bias={"1": float("nan")}), "logit_bias"),
+        (dict(logit_bias={"9" * 40: 1.0}), "logit_bias"),
     ],
 )
 def test_bad_sampling_params_name_the_field(kwargs, field):

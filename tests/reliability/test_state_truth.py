@@ -86,3 +86,23 @@ def test_rollout_status_of_a_deployment_that_is_down_is_not_complete(rolled_out_
 def test_status_shows_the_newest_error(rolled_out_but_down, capsys) -> None:
     assert main(["status", "demo", "--format", "json"]) == 0
     assert '"last_error": "unhealthy: GET /health answered 503"' in capsys.readouterr().out
+
+
+def test_a_killed_supervisor_is_reported_not_a_complete_rollout(state_dir: Path, capsys) -> None:
+    """Its status.json still names it (a supervisor that stops writes null): the deployment is wanted and down."""
+    deployment = Deployment("demo")
+    revision = deployment.add_revision(make_plan(replicas=2))
+    ready = {"index": 0, "revision": 1, "pid": 99999999, "state": "ready", "restarts": 0}
+    deployment.write_status(
+        {
+            "supervisor_pid": 99999999,  # no lock held: it is gone
+            "revision": revision,
+            "rollout": {"revision": revision, "phase": "complete", "strategy": "rolling", "finished_at": 1.0},
+            "replicas": [ready, {**ready, "index": 1}],
+        }
+    )
+    assert main(["rollout", "status", "demo"]) == 1
+    out = capsys.readouterr().out
+    assert "revision 1 complete (rolling), but 0/2 replicas ready: the supervisor (pid 99999999) is gone" in out
+    assert main(["status", "demo", "--format", "json"]) == 0
+    assert '"running": false' in (out := capsys.readouterr().out) and "`vdeploy apply` starts it again" in out

@@ -40,6 +40,9 @@ def describe(deployment) -> dict[str, Any]:
 
     status = deployment.status()
     alive = deployment.supervisor_alive()
+    # A supervisor that stops writes its pid as null; one still recorded but gone was killed, and nothing stopped
+    # the deployment on purpose: it is still wanted, and nothing serves it.
+    died = not alive and status.get("supervisor_pid") is not None
     replicas = []
     for replica in status.get("replicas", []) if alive else []:
         replica = dict(replica)
@@ -54,6 +57,8 @@ def describe(deployment) -> dict[str, Any]:
     errors = [(r.get("last_error_at") or 0, r["last_error"]) for r in replicas if r.get("last_error")]
     if rollout.get("phase") == "failed":
         errors.append((rollout.get("finished_at") or 0, f"revision {rollout['revision']} failed: {rollout.get('reason')}"))
+    if died:
+        errors.append((time.time(), _died(status)))
     return {
         "name": deployment.name,
         "model": plan["engine"]["model"] if plan and alive else None,
@@ -61,7 +66,7 @@ def describe(deployment) -> dict[str, Any]:
         "url": status.get("url") if alive else None,
         "revision": serving if alive else None,
         "ready": sum(r["state"] == "ready" and r["revision"] == serving for r in replicas),
-        "desired": desired if alive else 0,
+        "desired": desired if alive or died else 0,
         "restarts": sum(r.get("restarts", 0) for r in replicas),
         "crash_loop": any(r.get("crash_loop") for r in replicas),
         "memory_bytes": sum(r["rss_bytes"] or 0 for r in replicas),
@@ -69,6 +74,13 @@ def describe(deployment) -> dict[str, Any]:
         "last_error": status.get("error") or (max(errors)[1] if errors else None),
         "replicas": replicas,
     }
+
+
+def _died(status: dict[str, Any]) -> str:
+    return (
+        f"the supervisor (pid {status['supervisor_pid']}) is gone without stopping the deployment (killed?); "
+        "`vdeploy apply` starts it again"
+    )
 
 
 def _tree_rss(psutil, pid: int | None) -> int | None:
