@@ -12,8 +12,8 @@ returned once the traffic stops.
    impatient clients that give up after a second, and poison requests that must get a 400. A client gives up on any
    request after `--client-timeout` s (at 2x capacity the queue grows until such clients leave): every give-up is a
    disconnect the server must clean up after.
-3. Every `--sample-s` s the resident memory of the supervisor (which holds the router) and of each replica (with its
-   children) is recorded. After the first quarter (warm-up), memory must stay flat: the growth from the start to the
+3. Every `--sample-s` s the resident memory of the supervisor (which holds the router; without its children, the
+   replicas) and of each replica (with its children) is recorded. After the first quarter (warm-up), memory must stay flat: the growth from the start to the
    end of the rest is reported per process, in MiB and as a ratio.
 4. When the traffic stops and the last clients are gone, each replica's /metrics must show no request running or
    waiting and no KV block in use.
@@ -198,10 +198,11 @@ async def open_loop(url: str, model: str, rate: float, seconds: float, patience:
 # ------------------------------------------------------------------------------------------------------ watching
 
 
-def tree_rss(pid: int) -> int | None:
+def rss(pid: int, children: bool) -> int | None:
+    """Resident bytes of `pid`, with its children's when `children` (the supervisor's children are the replicas)."""
     try:
         process = psutil.Process(pid)
-        return sum(p.memory_info().rss for p in [process, *process.children(recursive=True)])
+        return sum(p.memory_info().rss for p in [process, *(process.children(recursive=True) if children else [])])
     except psutil.Error:
         return None
 
@@ -219,9 +220,10 @@ class MemoryWatch:
     def _loop(self) -> None:
         while not self._stop.wait(self.every):
             status = self.deployment.status()
-            pids = {"supervisor": status["supervisor_pid"]}
-            pids |= {f"replica {r['index']} (rev {r['revision']})": r["pid"] for r in status["replicas"] if r["pid"]}
-            sample = {name: rss for name, pid in pids.items() if (rss := tree_rss(pid)) is not None}
+            sample = {"supervisor": rss(status["supervisor_pid"], children=False)}
+            for r in status["replicas"]:
+                sample[f"replica {r['index']} (rev {r['revision']})"] = rss(r["pid"], children=True) if r["pid"] else None
+            sample = {name: value for name, value in sample.items() if value is not None}
             self.samples.append((time.monotonic() - self.started, sample))
 
     def __enter__(self) -> MemoryWatch:
