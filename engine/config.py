@@ -130,6 +130,7 @@ class EngineConfig:
     chat_template: str | None = None  # a path or an inline Jinja template; None = the model's own
     enable_auto_tool_choice: bool = False  # tool_choice "auto": the parser finds calls in the model's text
     tool_call_parser: str | None = None  # one of TOOL_CALL_PARSERS: the model family's tool call format
+    trust_request_chat_template: bool = False  # render chat templates that requests carry (else a 400)
 
     # The compiler's memory prediction, logged next to what the engine measures. None when the engine was started
     # without a plan.

@@ -102,7 +102,7 @@ class _Compiler:
             enable_chunked_prefill=r.runtime.enable_chunked_prefill, seed=r.runtime.seed, host=r.server.host,
             port=r.server.port, api_key_env=r.server.api_key_env, chat_template=r.server.chat_template,
             enable_auto_tool_choice=r.server.enable_auto_tool_choice, tool_call_parser=r.server.tool_call_parser,
-            predicted_memory=budget,
+            trust_request_chat_template=r.server.trust_request_chat_template, predicted_memory=budget,
             **self.settings,
         )
         engine = self._engine_config(settings)

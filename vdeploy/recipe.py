@@ -63,6 +63,9 @@ class Server(Section):
     tool_call_parser: Literal["hermes", "llama3_json", "mistral"] | None = Field(
         None, description="the model family's tool call format (hermes: Qwen2.5; llama3_json; mistral)"
     )
+    trust_request_chat_template: bool = Field(
+        False, description="render chat templates that requests carry (a template runs code-like Jinja: trust callers)"
+    )
 
 
 class Health(Section):

@@ -84,6 +84,8 @@ SETTINGS: tuple[Setting, ...] = (
        "tool_choice auto: the model calls tools on its own (needs --tool-call-parser)"),
     _s("tool_call_parser", "server", "--tool-call-parser", help="the model family's tool call format",
        choices=TOOL_CALL_PARSERS),
+    _s("trust_request_chat_template", "server", "--trust-request-chat-template", "bool",
+       "render chat templates that requests carry (chat_template_kwargs.chat_template); refused otherwise"),
 )
 
 # Recipe fields that only the control plane reads: no EngineConfig field and no serve flag.

@@ -24,11 +24,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", help="overrides the config's host")
     parser.add_argument("--port", type=int, help="overrides the config's port")
     parser.add_argument("--api-key", help="require this key (Authorization: Bearer KEY) on the API routes")
-    parser.add_argument(
-        "--trust-request-chat-template",
-        action="store_true",
-        help="render chat templates that requests carry (chat_template_kwargs.chat_template); refused otherwise",
-    )
     args = parser.parse_args(argv)
     try:
         config = read_config(args.config)
@@ -38,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     except (EngineConfigError, EngineStartupError) as error:
         print(f"EngineStartupError: {error}", file=sys.stderr)
         return 1
-    return serve(config, api_key, args.trust_request_chat_template)
+    return serve(config, api_key)
 
 
 def read_config(path: str) -> EngineConfig:

@@ -83,9 +83,7 @@ async def detokenize(body: DetokenizeRequest, state: ServerState = Depends(serve
     return DetokenizeResponse(prompt=state.tokenizer.decode(body.tokens))
 
 
-def build_app(
-    config: EngineConfig, engine: Any, api_key: str | None = None, trust_request_chat_template: bool = False
-) -> FastAPI:
+def build_app(config: EngineConfig, engine: Any, api_key: str | None = None) -> FastAPI:
     """The replica's app over a loaded, running `engine` (stopped when the app stops)."""
 
     @asynccontextmanager
@@ -96,7 +94,7 @@ def build_app(
     app = FastAPI(title="vdeploy engine", version=_version(), lifespan=lifespan)
     measured = getattr(engine, "measured_memory", {})  # the pooling engine measures nothing yet
     metrics = ServerMetrics(config.name, engine.stats, config.predicted_memory, measured)
-    app.state.server = ServerState(config, engine, metrics, api_key, trust_request_chat_template)
+    app.state.server = ServerState(config, engine, metrics, api_key)
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:

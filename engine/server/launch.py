@@ -35,7 +35,7 @@ def api_key_from_env(config: EngineConfig) -> str | None:
     return key
 
 
-def serve(config: EngineConfig, api_key: str | None = None, trust_request_chat_template: bool = False) -> int:
+def serve(config: EngineConfig, api_key: str | None = None) -> int:
     """Loads the engine for `config` and serves it until interrupted or until the engine dies (a device fault: the
     process exits with status 1 and one line `EngineDeadError: <why>`, so the supervisor restarts it). Returns the
     exit status."""
@@ -78,7 +78,7 @@ def serve(config: EngineConfig, api_key: str | None = None, trust_request_chat_t
         return 1
     _log_capacity(config, engine)
     progress.phase("serving", port=config.port)  # the HTTP server starts; /health answers once it listens
-    app = build_app(config, engine, api_key, trust_request_chat_template)
+    app = build_app(config, engine, api_key)
     # JSON logs: uvicorn's loggers go through the root handler above instead of its own text format.
     uvicorn.run(app, host=config.host, port=config.port, log_level="info", log_config=None if json_logs() else
                 uvicorn.config.LOGGING_CONFIG)

