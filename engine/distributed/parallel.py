@@ -137,12 +137,14 @@ class World:
 SINGLE_WORLD = World()
 
 
-def init_world(rank: int, tp_size: int, pp_size: int, device: str, init_method: str) -> World:
+def init_world(
+    rank: int, tp_size: int, pp_size: int, device: str, init_method: str, gpu: int | None = None
+) -> World:
     """Joins the process group of tp_size x pp_size ranks (NCCL between GPUs, gloo on the CPU); on CUDA each rank
-    takes the GPU of its number."""
+    takes the GPU of its number, or `gpu` when a scheduler (Ray) picked one."""
     size = tp_size * pp_size
     if device == "cuda":
-        torch.cuda.set_device(rank % torch.cuda.device_count())
+        torch.cuda.set_device(rank % torch.cuda.device_count() if gpu is None else gpu)
     else:  # ranks share the cores; more threads than cores spin against each other inside every collective
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // size))
     backend = "nccl" if device == "cuda" else "gloo"

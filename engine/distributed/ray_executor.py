@@ -1,7 +1,8 @@
 """The `ray` executor: the ranks of the `mp` executor, started as Ray actors that a placement group puts on the
 cluster's nodes (one GPU, or one CPU, each), for a replica larger than one machine. The engine's process is rank 0
-and the Ray driver: it joins the cluster RAY_ADDRESS names (or starts a local one), reserves a bundle per other rank,
-and meets the actors in torch.distributed at its own address.
+and the Ray driver: it joins the cluster RAY_ADDRESS names (or starts a local one), reserves a placement group of
+one bundle per rank (rank 0's on its own node), and meets the actors in torch.distributed at its own address. On
+CUDA, rank 0's GPU is the one Ray gives a placeholder actor in rank 0's bundle, so Ray gives it to no other rank.
 
 Liveness as under `mp`: a rank whose actor ends (its process killed, or an error) or stops answering pings for
 HANG_SECONDS ends the engine with an error naming it. The actors are owned by the engine's process, so Ray removes
@@ -37,6 +38,12 @@ class RankActor:
     def ping(self) -> int:
         return os.getpid()
 
+    def gpu(self) -> int:
+        """The GPU Ray gave this actor (rank 0's placeholder reserves rank 0's GPU this way)."""
+        import ray
+
+        return int(ray.get_gpu_ids()[0])
+
 
 class RayExecutor:
     def __init__(self, config: EngineConfig):
@@ -53,33 +60,39 @@ class RayExecutor:
         from vdeploy_engine.distributed.parallel import init_world
 
         self._ray = ray
+        self._placeholder: Any = None
         ray.init(ignore_reinit_error=True)  # RAY_ADDRESS, if set, names the cluster
         size = config.tensor_parallel_size * config.pipeline_parallel_size
         per_rank = {"GPU": 1} if config.device == "cuda" else {"CPU": 1}
-        self.group = placement_group([per_rank] * (size - 1), strategy="PACK")
+        host = ray.util.get_node_ip_address()
+        # Bundle r is rank r's; rank 0's stays on this node (Ray's per-node resource), where this process runs it.
+        bundles = [{**per_rank, f"node:{host}": 0.001}] + [per_rank] * (size - 1)
+        self.group = placement_group(bundles, strategy="PACK")
         if not self.group.wait(START_SECONDS):
             ray.util.remove_placement_group(self.group)
             raise RuntimeError(
-                f"the Ray cluster has no room for {size - 1} more ranks of one {next(iter(per_rank))} each within "
-                f"{START_SECONDS:.0f} s (cluster resources: {ray.cluster_resources()})"
+                f"the Ray cluster has no room for {size} ranks of one {next(iter(per_rank))} each (rank 0 on this "
+                f"node) within {START_SECONDS:.0f} s (cluster resources: {ray.cluster_resources()})"
             )
-        host = ray.util.get_node_ip_address()
         init_method = f"tcp://{host}:{free_port(host)}"
         actor = ray.remote(RankActor)
-        self.actors: dict[int, Any] = {}
-        self._runs: dict[int, Any] = {}
-        for rank in range(1, size):
-            strategy = PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=rank - 1)
-            self.actors[rank] = actor.options(
-                num_cpus=per_rank.get("CPU", 0), num_gpus=per_rank.get("GPU", 0), max_concurrency=2,
-                scheduling_strategy=strategy,
-            ).remote()
-            self._runs[rank] = self.actors[rank].serve.remote(rank, config.to_json(), init_method)
+
+        def place(rank: int) -> Any:
+            strategy = PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=rank)
+            return actor.options(num_cpus=per_rank.get("CPU", 0), num_gpus=per_rank.get("GPU", 0),
+                                 max_concurrency=2, scheduling_strategy=strategy).remote()
+
+        gpu = None
+        if config.device == "cuda":  # a placeholder holds rank 0's GPU, so that no actor is given the same one
+            self._placeholder = place(0)
+            gpu = ray.get(self._placeholder.gpu.remote(), timeout=START_SECONDS)
+        self.actors: dict[int, Any] = {rank: place(rank) for rank in range(1, size)}
+        self._runs = {rank: a.serve.remote(rank, config.to_json(), init_method) for rank, a in self.actors.items()}
         self._stopping = threading.Event()
         threading.Thread(target=self._watch, name="rank-watchdog", daemon=True).start()
         atexit.register(self.shutdown)
         self.world = init_world(0, config.tensor_parallel_size, config.pipeline_parallel_size, config.device,
-                                init_method)
+                                init_method, gpu)
 
     def shutdown(self) -> None:
         """Tells the ranks to stop, waits for them, and frees their placement group."""
@@ -93,7 +106,7 @@ class RayExecutor:
             self.world.broadcast(None)
             ray.wait(list(self._runs.values()), num_returns=len(self._runs), timeout=10)
         finally:
-            for actor in self.actors.values():
+            for actor in [*self.actors.values(), *([self._placeholder] if self._placeholder else [])]:
                 ray.kill(actor)
             ray.util.remove_placement_group(self.group)
             dist.destroy_process_group()
