@@ -95,7 +95,7 @@ class _Compiler:
             quantization=quantization, device=self.device,
             tensor_parallel_size=r.parallelism.tensor_parallel_size,
             pipeline_parallel_size=r.parallelism.pipeline_parallel_size,
-            distributed_executor_backend=r.parallelism.distributed_executor_backend,
+            distributed_executor_backend=self.executor_backend,
             block_size=r.memory.block_size, kv_cache_dtype=r.memory.kv_cache_dtype, swap_space=r.memory.swap_space,
             cpu_offload_gb=r.memory.cpu_offload_gb, enforce_eager=eager,
             enable_prefix_caching=r.runtime.enable_prefix_caching,
@@ -131,15 +131,34 @@ class _Compiler:
 
     # ----------------------------------------------------------------------------------------------- parallelism
     def _parallelism(self) -> None:
-        par, p = self.recipe.parallelism, self.profile
+        par, p, nodes = self.recipe.parallelism, self.profile, self.recipe.nodes
         ranks = par.tensor_parallel_size * par.pipeline_parallel_size
-        if self.device == "cuda" and ranks * par.data_parallel_size > p.gpu_count:
+        self.executor_backend = par.distributed_executor_backend
+        if self.device != "cuda":
+            return
+        hosts = f"the host has {p.gpu_count}" if nodes == 1 else f"{nodes} hosts have {nodes} x {p.gpu_count}"
+        if ranks * par.data_parallel_size > p.gpu_count * nodes:
             self.error("VD102", f"{par.data_parallel_size} replica(s) x tensor_parallel_size "
                        f"{par.tensor_parallel_size} x pipeline_parallel_size {par.pipeline_parallel_size} need "
-                       f"{ranks * par.data_parallel_size} GPUs; the host has {p.gpu_count} {p.name}",
+                       f"{ranks * par.data_parallel_size} GPUs; {hosts} {p.name}",
                        "parallelism.tensor_parallel_size",
                        f"set `hardware: {{profile: {p.name}, count: {ranks * par.data_parallel_size}}}` "
-                       "if the host has them, or lower the parallelism")
+                       "if the host has them (or `nodes:` for more hosts), or lower the parallelism")
+        if ranks <= p.gpu_count:
+            return
+        # A replica larger than one host: whole hosts of ranks, joined by Ray.
+        if ranks % p.gpu_count:
+            self.error("VD102", f"a replica of {ranks} ranks spans hosts of {p.gpu_count} GPUs; it must fill whole "
+                       "hosts", "parallelism.tensor_parallel_size",
+                       f"use tensor_parallel_size x pipeline_parallel_size = a multiple of {p.gpu_count}")
+        elif self.executor_backend == "mp":
+            self.error("VD102", f"the mp executor runs a replica's ranks on one host; this replica of {ranks} ranks "
+                       f"spans {ranks // p.gpu_count} hosts of {p.gpu_count} GPUs",
+                       "parallelism.distributed_executor_backend", "use `distributed_executor_backend: ray`")
+        elif self.executor_backend is None:
+            self.executor_backend = self.decide(
+                "parallelism.distributed_executor_backend", "ray",
+                f"a replica's {ranks} ranks span {ranks // p.gpu_count} hosts of {p.gpu_count} GPUs")
 
     def _builtin_limits(self) -> None:
         """Settings the built-in engine cannot honour: refused here, never ignored at launch (the vllm backend runs

@@ -84,6 +84,7 @@ class Rollout(Section):
 class HardwareSpec(Section):
     profile: str
     count: PositiveInt | None = Field(None, description="GPUs on the host; defaults to the profile's")
+    nodes: PositiveInt = Field(1, description="hosts of `count` GPUs each; a replica larger than one runs on Ray")
 
 
 DType = Literal["auto", "half", "float16", "bfloat16", "bf16", "float", "float32"]
@@ -108,7 +109,7 @@ class Recipe(Section):
     convert: Literal["auto", "none", "embed", "reward", "classify"] = "auto"
     dtype: DType = "auto"
     quantization: Quantization | None = None
-    hardware: str | HardwareSpec = Field("auto", description="profile name, {profile, count}, or auto to detect")
+    hardware: str | HardwareSpec = Field("auto", description="profile name, {profile, count, nodes}, or auto to detect")
     backend: Literal["builtin", "vllm"] = "builtin"
     parallelism: Parallelism = Field(default_factory=Parallelism)
     memory: MemorySettings = Field(default_factory=MemorySettings)
@@ -129,6 +130,10 @@ class Recipe(Section):
     @property
     def gpu_count(self) -> int | None:
         return None if isinstance(self.hardware, str) else self.hardware.count
+
+    @property
+    def nodes(self) -> int:
+        return 1 if isinstance(self.hardware, str) else self.hardware.nodes
 
 
 def derive_name(model: str) -> str:

@@ -21,6 +21,7 @@ from typing import Any
 from vdeploy_engine.config import EngineConfig
 from vdeploy_engine.distributed.executor import HANG_SECONDS, START_SECONDS, end_engine, free_port, serve_rank
 
+logger = logging.getLogger(__name__)
 _POLL_SECONDS = 0.5
 
 
@@ -68,12 +69,13 @@ class RayExecutor:
         # Bundle r is rank r's; rank 0's stays on this node (Ray's per-node resource), where this process runs it.
         bundles = [{**per_rank, f"node:{host}": 0.001}] + [per_rank] * (size - 1)
         self.group = placement_group(bundles, strategy="PACK")
-        if not self.group.wait(START_SECONDS):
-            ray.util.remove_placement_group(self.group)
-            raise RuntimeError(
-                f"the Ray cluster has no room for {size} ranks of one {next(iter(per_rank))} each (rank 0 on this "
-                f"node) within {START_SECONDS:.0f} s (cluster resources: {ray.cluster_resources()})"
-            )
+        while not self.group.wait(START_SECONDS):
+            room = (f"the Ray cluster has no room for {size} ranks of one {next(iter(per_rank))} each (rank 0 on "
+                    f"this node) after {START_SECONDS:.0f} s (cluster resources: {ray.cluster_resources()})")
+            if not os.environ.get("RAY_ADDRESS"):  # a cluster of this machine alone: no node will join
+                ray.util.remove_placement_group(self.group)
+                raise RuntimeError(room)
+            logger.warning("%s; waiting for more nodes to join", room)  # worker pods may still be starting
         init_method = f"tcp://{host}:{free_port(host)}"
         actor = ray.remote(RankActor)
 

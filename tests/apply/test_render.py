@@ -148,3 +148,4 @@ def test_vllm_backend_without_vllm_installed_fails_with_that_message(monkeypatch
     monkeypatch.setattr(vllm, "executable", lambda: None)
     with pytest.raises(BackendUnavailable, match="vllm is not installed"):
         replica_command(make_plan(backend="vllm"), "/p.json", 1234)
+

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 TARGETS = ("builtin", "vllm", "systemd", "k8s")
 DEFAULT_IMAGES = {"builtin": "vdeploy:latest", "vllm": "vllm/vllm-openai:latest"}
 K8S_PLAN_DIR = "/etc/vdeploy"  # where the ConfigMap with plan.json is mounted in the pod
+RAY_PORT = 6379  # the Ray head's (GCS) port on a multi-host replica's leader pod
 
 
 @functools.cache
@@ -98,10 +99,19 @@ def _command_line(plan: dict[str, Any], target: str, plan_path: str) -> str:
 
 
 def _kubernetes(plan: dict[str, Any], image: str | None) -> str:
+    """One Deployment of one pod per replica; a replica larger than one host (its GPUs more than the plan's host
+    has) is a leader pod (the Ray head and the engine, rank 0) and a worker pod per further host (a Ray node that
+    holds its ranks, `distributed_executor_backend: ray`): a StatefulSet of leaders, one of workers per replica."""
     backend = plan.get("backend", "builtin")
     engine = plan["engine"]
     plan_path = f"{K8S_PLAN_DIR}/plan.json"
-    gpus = engine["tensor_parallel_size"] * engine["pipeline_parallel_size"] if engine["device"] == "cuda" else 0
+    ranks = engine["tensor_parallel_size"] * engine["pipeline_parallel_size"]
+    gpus = ranks if engine["device"] == "cuda" else 0
+    hosts = 1
+    if gpus > plan["gpu_count"] > 0:  # the compiler made it whole hosts on ray
+        gpus, hosts = plan["gpu_count"], gpus // plan["gpu_count"]
+    argv = engine_argv(plan, plan_path, host="0.0.0.0")
+    ray_start = f"ray start --num-gpus={gpus} --disable-usage-stats"
     env = plan.get("env", {})
     secret_env = secrets.secret_names(env)
     # The engine reads only the plan's engine settings; the ConfigMap's copy of the plan holds no secret.
@@ -113,14 +123,19 @@ def _kubernetes(plan: dict[str, Any], image: str | None) -> str:
             plan=plan,
             name=plan["name"],
             engine=engine,
-            argv=engine_argv(plan, plan_path, host="0.0.0.0"),
+            argv=argv,
+            hosts=hosts,
+            # The leader starts the Ray head, then the engine, which joins it (RAY_ADDRESS) and waits for the workers.
+            leader_argv=["sh", "-c", f"{ray_start} --head --port={RAY_PORT} && exec {shlex.join(argv)}"],
+            worker_argv=["sh", "-c", f"exec {ray_start} --address=$VDEPLOY_RAY_LEADER:{RAY_PORT} --block"],
+            ray_port=RAY_PORT,
             image=image or DEFAULT_IMAGES[backend],
             plan_json=json.dumps(public_plan, indent=2, sort_keys=True) if backend == "builtin" else None,
             secret_env=secret_env,
             literal_secrets={k: env[k] for k in secrets.literal_secrets(env)},
             plan_dir=K8S_PLAN_DIR,
             gpus=gpus,
-            shared_memory=engine["tensor_parallel_size"] * engine["pipeline_parallel_size"] > 1,
+            shared_memory=ranks > 1,
             health_path=(plan.get("health") or {}).get("path", "/health"),
             startup_seconds=int(readiness_timeout(plan)),
             blue_green=(plan.get("rollout") or {}).get("strategy") == "blue_green",
