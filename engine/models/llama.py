@@ -169,6 +169,7 @@ class LlamaModel(nn.Module):
             for index, window in enumerate(sliding_windows(hf_config))
         )
         self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps) if stage.is_last else None
+        self.held_layers = list(self.layers)[self.held.start : self.held.stop]  # a plain list: not registered twice
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
@@ -184,7 +185,7 @@ class LlamaModel(nn.Module):
             for layer in self.layers:
                 hidden = layer.forward_fused(positions, hidden, meta)
             return self.norm(hidden)
-        for layer in self.layers[self.held.start : self.held.stop]:
+        for layer in self.held_layers:
             hidden, residual = layer(positions, hidden, residual, meta)
         if not self.stage.is_last:
             return torch.stack((hidden, residual))

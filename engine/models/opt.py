@@ -81,6 +81,7 @@ class OPTDecoder(nn.Module):
             if keep_final_norm and last else None
         )
         self.is_last = last
+        self.held_layers = list(self.layers)[self.held.start : self.held.stop]  # a plain list: not registered twice
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
@@ -95,7 +96,7 @@ class OPTDecoder(nn.Module):
             hidden = hidden + self.embed_positions(positions + POSITION_OFFSET)
         else:
             hidden = carried[0]
-        for layer in self.layers[self.held.start : self.held.stop]:
+        for layer in self.held_layers:
             hidden = layer(hidden, meta)
         if not self.is_last:
             return hidden.unsqueeze(0)

@@ -35,3 +35,17 @@ def test_tp2_with_cuda_graphs_matches_one_gpu(tmp_path, model_type):
     eager, _ = _greedy(model, tensor_parallel_size=2, enforce_eager=True)
     assert captured, "TP 2 decode must run as CUDA graphs"
     assert two_gpus == one_gpu == eager
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "opt"])
+def test_pp2_over_nccl_matches_one_gpu(tmp_path, model_type):
+    """Two pipeline stages on two GPUs: activations and logits over NCCL send/recv, decode eager (no graphs across
+    stages)."""
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    model = str(save_tiny_model(tmp_path, model_type))
+    one_gpu, _ = _greedy(model)
+    two_stages, captured = _greedy(model, pipeline_parallel_size=2)
+    assert not captured and two_stages == one_gpu
