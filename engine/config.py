@@ -131,6 +131,9 @@ class EngineConfig:
     enable_auto_tool_choice: bool = False  # tool_choice "auto": the parser finds calls in the model's text
     tool_call_parser: str | None = None  # one of TOOL_CALL_PARSERS: the model family's tool call format
     trust_request_chat_template: bool = False  # render chat templates that requests carry (else a 400)
+    # Pooling: text put before each embedding input by the request's `input_type` (jina-embeddings-v4's retrieval
+    # variants want {"query": "Query: ", "passage": "Passage: "}); /rerank gives the query and documents theirs.
+    embedding_prefixes: dict[str, str] | None = None
 
     # The compiler's memory prediction, logged next to what the engine measures. None when the engine was started
     # without a plan.

@@ -102,7 +102,8 @@ class _Compiler:
             enable_chunked_prefill=r.runtime.enable_chunked_prefill, seed=r.runtime.seed, host=r.server.host,
             port=r.server.port, api_key_env=r.server.api_key_env, chat_template=r.server.chat_template,
             enable_auto_tool_choice=r.server.enable_auto_tool_choice, tool_call_parser=r.server.tool_call_parser,
-            trust_request_chat_template=r.server.trust_request_chat_template, predicted_memory=budget,
+            trust_request_chat_template=r.server.trust_request_chat_template,
+            embedding_prefixes=r.server.embedding_prefixes, predicted_memory=budget,
             **self.settings,
         )
         engine = self._engine_config(settings)
@@ -224,6 +225,12 @@ class _Compiler:
         if runner == "pooling" and convert == "none" and f and not pooling_model:
             self.error("VD205", f"{r.model} is a text-generation model; pooling it needs a conversion", "convert",
                        "use `convert: embed` (or reward / classify)")
+        if r.server.embedding_prefixes and (runner, convert) != ("pooling", "embed"):
+            self.error("VD205", "embedding_prefixes apply to embedding deployments (runner pooling, convert embed)",
+                       "server.embedding_prefixes", "drop `embedding_prefixes`, or serve embeddings")
+        if r.server.embedding_prefixes and r.backend == "vllm":
+            self.error("VD211", "vLLM has no embedding_prefixes: its clients write the prefixes into the text",
+                       "server.embedding_prefixes", "use `backend: builtin`, or prefix the inputs in the client")
         return runner, convert
 
     def _dtype(self) -> str:

@@ -45,6 +45,7 @@ CODES: dict[str, str] = {
     "VD208": "quantization does not match the checkpoint",
     "VD209": "model needs trust_remote_code",
     "VD210": "the built-in engine cannot run this setting",
+    "VD211": "vLLM has no counterpart for this setting",
     "VD301": "the weights do not fit",
     "VD302": "max_model_len does not fit in the KV cache",
     "VD303": "max_num_batched_tokens too small",

@@ -66,6 +66,11 @@ class Server(Section):
     trust_request_chat_template: bool = Field(
         False, description="render chat templates that requests carry (a template runs code-like Jinja: trust callers)"
     )
+    embedding_prefixes: dict[str, str] | None = Field(
+        None,
+        description="pooling: text put before each embedding input by the request's input_type, e.g. "
+        "{query: 'Query: ', passage: 'Passage: '} for jina-embeddings-v4 retrieval; /rerank uses query and passage",
+    )
 
 
 class Health(Section):

@@ -86,6 +86,8 @@ SETTINGS: tuple[Setting, ...] = (
        choices=TOOL_CALL_PARSERS),
     _s("trust_request_chat_template", "server", "--trust-request-chat-template", "bool",
        "render chat templates that requests carry (chat_template_kwargs.chat_template); refused otherwise"),
+    _s("embedding_prefixes", "server", None, help="text before each embedding input, by the request's input_type",
+       vllm=False, why="vLLM has no such option: its clients write the model's prefixes into the text themselves"),
 )
 
 # Recipe fields that only the control plane reads: no EngineConfig field and no serve flag.

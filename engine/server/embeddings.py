@@ -25,13 +25,14 @@ from vdeploy_engine.server.protocol import (
 from vdeploy_engine.server.state import APIError, ServerState, server_state
 
 router = APIRouter()
+InputsT = str | list[str] | list[int] | list[list[int]]
 
 
 @router.post("/v1/embeddings")
 async def create_embeddings(body: EmbeddingRequest, state: ServerState = Depends(server_state)) -> EmbeddingResponse:
     state.check_model(body.model)
     state.require_runner("pooling", "Embeddings")
-    prompts = _token_prompts(state, body.input)
+    prompts = _token_prompts(state, _with_prefix(state, body.input, body.input_type))
     vectors = await _embed(state, prompts)
     data = [EmbeddingData(index=i, embedding=_encode(v, body.encoding_format)) for i, v in enumerate(vectors)]
     return EmbeddingResponse(model=state.model_name, data=data, usage=_usage(prompts))
@@ -65,7 +66,11 @@ async def create_rerank(body: RerankRequest, state: ServerState = Depends(server
     state.require_runner("pooling", "Rerank")
     if not body.documents:
         raise APIError(400, "documents must not be empty.", "documents")
-    scores, prompts = await _scores(state, [body.query] * len(body.documents), body.documents)
+    # A retrieval model that wants its roles written into the text (embedding_prefixes) gets them here.
+    query, documents = body.query, body.documents
+    if not state.engine.cross_encoder and {"query", "passage"} <= set(state.config.embedding_prefixes or {}):
+        query, documents = _with_prefix(state, query, "query"), _with_prefix(state, documents, "passage")
+    scores, prompts = await _scores(state, [query] * len(documents), documents)
     ranked = sorted(range(len(scores)), key=lambda i: scores[i], reverse=True)[: body.top_n]
     results = [
         RerankResult(index=i, document=RerankDocument(text=body.documents[i]), relevance_score=scores[i])
@@ -92,7 +97,22 @@ async def _scores(state: ServerState, firsts: list[str], seconds: list[str]) -> 
     return [r[0] for r in results], [pair["input_ids"] for pair in pairs]
 
 
-def _token_prompts(state: ServerState, inputs: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
+def _with_prefix(state: ServerState, inputs: InputsT, input_type: str | None) -> InputsT:
+    """The texts of `inputs` behind the server's prefix for `input_type` (none: as they are)."""
+    if input_type is None:
+        return inputs
+    prefixes = state.config.embedding_prefixes or {}
+    if input_type not in prefixes:
+        known = f"one of {', '.join(sorted(prefixes))}" if prefixes else "none (the server has no embedding_prefixes)"
+        raise APIError(400, f"input_type {input_type!r} is not one of the server's: {known}.", "input_type")
+    if isinstance(inputs, str):
+        return prefixes[input_type] + inputs
+    if inputs and not isinstance(inputs[0], str):
+        raise APIError(400, "input_type applies to text inputs, not token ids.", "input_type")
+    return [prefixes[input_type] + text for text in inputs]
+
+
+def _token_prompts(state: ServerState, inputs: InputsT) -> list[list[int]]:
     """Token ids of each input, every one checked against max_model_len."""
     if isinstance(inputs, str):
         prompts = [state.tokenize(inputs, param="input")]

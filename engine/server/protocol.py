@@ -317,6 +317,7 @@ class ChatCompletionChunk(BaseModel):
 
 class EmbeddingRequest(Request):
     input: str | list[str] | list[int] | list[list[int]]
+    input_type: str | None = None  # a key of the server's embedding_prefixes (e.g. query, passage), as NVIDIA NIM's
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: None = None  # accepted only as null: the model's size is the only size
     user: str | None = None

@@ -56,6 +56,10 @@ CASES = [
     ("remote-code", "model: jinaai/jina-embeddings-v4-vllm-retrieval\nhardware: l4\n", "VD209", (1, 1), 1),
     ("builtin-cannot-run", "model: facebook/opt-125m\nhardware: t4\nmemory: {cpu_offload_gb: 4}\n", "VD210",
      (3, 10), 1),
+    ("prefixes-on-vllm", "model: sentence-transformers/all-MiniLM-L6-v2\nhardware: t4\nbackend: vllm\n"
+     "server:\n  embedding_prefixes: {query: 'query: '}\n", "VD211", (5, 3), 1),
+    ("prefixes-when-generating", "model: facebook/opt-125m\nhardware: t4\n"
+     "server:\n  embedding_prefixes: {query: 'query: '}\n", "VD205", (4, 3), 1),
     ("weights-too-big", "model: Qwen/QwQ-32B\nhardware: t4\n", "VD301", (1, 1), 1),
     ("context-too-big", "model: Qwen/Qwen2.5-72B-Instruct\nhardware: {profile: h100-80gb, count: 2}\n"
      "parallelism: {tensor_parallel_size: 2}\nmemory: {max_model_len: 32768, max_num_seqs: 32}\n", "VD302", (4, 10),

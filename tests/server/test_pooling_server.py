@@ -18,6 +18,7 @@ pytestmark = pytest.mark.slow  # one model load per module
 MODEL = "minilm"
 KEY_ENV = "VDEPLOY_TEST_POOLING_KEY"
 API_KEY = "pooling-secret"
+PREFIXES = {"query": "query: ", "passage": "passage: "}  # e5's; jina-embeddings-v4 retrieval's are "Query: "...
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "深度学习改变了自然语言处理。", "Paris is in France."]
 
 
@@ -35,6 +36,7 @@ def server(minilm_dir, tmp_path_factory):
             "dtype": "float32",
             "max_model_len": 512,
             "api_key_env": KEY_ENV,
+            "embedding_prefixes": PREFIXES,
         },
     }
     config = write_config(folder / "plan.json", **plan)
@@ -101,6 +103,34 @@ def test_rerank_orders_documents_by_relevance(server):
     results = response.json()["results"]
     assert [r["index"] for r in results] == [1]
     assert results[0]["document"]["text"] == "Paris is the capital of France."
+
+
+def test_input_type_puts_the_servers_prefix_before_each_text(client):
+    plain = [d.embedding for d in client.embeddings.create(model=MODEL, input=TEXTS[:2]).data]
+    written = [d.embedding for d in client.embeddings.create(model=MODEL, input=["query: " + t for t in TEXTS[:2]]).data]
+    typed = [d.embedding for d in client.embeddings.create(model=MODEL, input=TEXTS[:2],
+                                                            extra_body={"input_type": "query"}).data]
+    assert torch.allclose(torch.tensor(typed), torch.tensor(written), atol=1e-6)
+    assert not torch.allclose(torch.tensor(typed), torch.tensor(plain), atol=1e-3)
+
+
+def test_input_type_unknown_or_on_token_ids_is_400(server):
+    http = server.http()
+    unknown = http.post("/v1/embeddings", json={"input": "hi", "input_type": "document"})
+    assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "input_type"
+    assert "one of passage, query" in unknown.json()["error"]["message"]
+    ids = http.post("/v1/embeddings", json={"input": [[101, 102]], "input_type": "query"})
+    assert ids.status_code == 400 and "token ids" in ids.json()["error"]["message"]
+
+
+def test_rerank_gives_the_query_and_the_documents_their_prefixes(server, client):
+    query, documents = "capital of France", ["Bananas are yellow.", "Paris is the capital of France."]
+    response = server.http().post("/v1/rerank", json={"query": query, "documents": documents})
+    scores = {r["index"]: r["relevance_score"] for r in response.json()["results"]}
+    texts = ["query: " + query, *("passage: " + d for d in documents)]
+    vectors = [d.embedding for d in client.embeddings.create(model=MODEL, input=texts).data]
+    expected = [sum(a * b for a, b in zip(vectors[0], v, strict=True)) for v in vectors[1:]]
+    assert [scores[0], scores[1]] == pytest.approx(expected, abs=1e-5)
 
 
 def test_generation_endpoints_on_a_pooling_model_are_400(client):
