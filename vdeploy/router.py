@@ -9,7 +9,8 @@ Each request goes to the replica with the fewest outstanding requests (ties: the
 a reply reaches the client, a request is not lost: a replica that refuses the connection, drops it (killed
 mid-request) or answers 503 (its engine died) is skipped and the request goes to the next one; with none left it is
 held, up to HOLD_S, until a replica is ready again (the only one restarting). So clients see neither a rollout nor a
-crash, except a stream cut after it began. Every error the router itself answers is OpenAI's error JSON.
+crash, except a stream cut after it began. Every error the router itself answers is OpenAI's error JSON. A client
+that leaves before its answer comes has its request to the replica cancelled, which aborts it in the engine.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import contextmanager
 
 import httpx
@@ -81,15 +82,17 @@ class Router:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return
+        request = Request(scope, receive)
         try:
-            response = await self.forward(Request(scope, receive))
+            body = await request.body()  # read once, so that the request can be sent again to another replica
+            response = await _unless_client_leaves(self.forward(request, body), receive)
         except Exception as e:  # a bug of ours, or the client gone: still an answer in the API's format
             log.exception("routing failed")
             response = error_response(502, f"the router could not relay the request: {e!r}")
-        await response(scope, receive, send)
+        if response is not None:
+            await response(scope, receive, send)
 
-    async def forward(self, request: Request) -> Response:
-        body = await request.body()  # read once, so that the request can be sent again to another replica
+    async def forward(self, request: Request, body: bytes) -> Response:
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS]
         deadline = time.monotonic() + self.hold_s
         tried: set[int] = set()
@@ -157,6 +160,32 @@ class Router:
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+
+async def _unless_client_leaves(forwarding: Awaitable[Response], receive) -> Response | None:
+    """The reply `forwarding` gets, or None when the client disconnects first. Then the forwarding is cancelled,
+    which closes the connection to the replica: its server aborts the request and frees its KV blocks. (Once the
+    reply streams, the streaming response itself watches for the disconnect.)"""
+    forward = asyncio.ensure_future(forwarding)
+    gone = asyncio.ensure_future(_disconnected(receive))
+    try:
+        await asyncio.wait({forward, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        forward.cancel()
+        raise
+    finally:
+        gone.cancel()
+    if forward.done():
+        return forward.result()
+    forward.cancel()  # the client left first
+    await asyncio.wait({forward})  # until the cancellation has closed the replica's connection
+    return None
+
+
+async def _disconnected(receive) -> None:
+    """Returns when the client has gone (the request body is already read: nothing else can arrive)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 class PortInUse(Exception):

@@ -7,6 +7,7 @@ import asyncio
 import time
 
 import httpx
+import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -84,6 +85,39 @@ def test_a_request_is_held_while_no_replica_is_ready_then_served() -> None:
             reply = await held
             assert reply.status_code == 200 and reply.json() == {"replica": "back", "body": "held"}
             assert 1.0 <= time.monotonic() - started < 5.0
+        front.should_exit = replica.should_exit = True
+        await asyncio.gather(front.task, replica.task)
+        await router.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_client_that_leaves_before_the_answer_ends_the_replicas_request() -> None:
+    """The router closes its connection to the replica, whose server then aborts the request. Without it, requests
+    whose clients gave up stayed queued in the engines (bench/soak.py found ~450 per replica after an overload)."""
+
+    async def scenario() -> None:
+        waited: list[float] = []
+
+        async def slow(request: Request) -> JSONResponse:  # a replica with a long queue: answers after 30 s
+            started = time.monotonic()
+            while not await request.is_disconnected() and time.monotonic() - started < 30:
+                await asyncio.sleep(0.05)
+            waited.append(time.monotonic() - started)
+            return JSONResponse({})
+
+        replica, replica_url = await _serve(Starlette(routes=[Route("/v1/completions", slow, methods=["POST"])]))
+        router = Router()
+        router.set_backends([backend := Backend(replica_url, 1)])
+        front, url = await _serve(router)
+        async with httpx.AsyncClient(base_url=url) as client:
+            with pytest.raises(httpx.ReadTimeout):
+                await client.post("/v1/completions", content="x", timeout=0.5)
+        deadline = time.monotonic() + 20
+        while not waited and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert waited and waited[0] < 5  # the replica saw its client, the router, leave
+        assert backend.outstanding == 0
         front.should_exit = replica.should_exit = True
         await asyncio.gather(front.task, replica.task)
         await router.aclose()
