@@ -251,8 +251,12 @@ class PoolingEngine:
         cu_seqlens = [0, *accumulate(len(p) for p in prompts)]
         if not self.cross_encoder:
             return pool(self.runner.run(prompts, None), cu_seqlens, self.spec).cpu().tolist()
-        types = [t for r in batch for t in (r.token_type_ids or [0] * len(r.token_ids))]
+        types = None
+        if getattr(self.model, "token_types", False):
+            types = [t for r in batch for t in (r.token_type_ids or [0] * len(r.token_ids))]
         logits = self.model.classify(self.runner.run(prompts, types), cu_seqlens).float()
+        if self.config.convert == "reward":  # a reward model's score is its raw logit, as vLLM returns it
+            return logits.cpu().tolist()
         probabilities = logits.sigmoid() if logits.shape[-1] == 1 else logits.softmax(dim=-1)
         return probabilities.cpu().tolist()
 

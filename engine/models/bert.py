@@ -41,6 +41,8 @@ class BertLayer(nn.Module):
 class BertModel(nn.Module):
     """forward(input_ids [T], positions [T], meta) -> hidden states [T, hidden_size] of the last layer."""
 
+    token_types = True  # forward takes a text pair's segment ids (a decoder reads a pair as one text)
+
     def __init__(self, hf_config, tp: TPGroup = SINGLE):
         super().__init__()
         if getattr(hf_config, "position_embedding_type", "absolute") != "absolute":

@@ -211,6 +211,7 @@ class LlamaForCausalLM(nn.Module):
 
     qkv_bias = False
     model_cls = LlamaModel
+    generates = True  # has an LM head (a sequence classifier has a score head instead)
     carries = 2  # [T, hidden] tensors a pipeline stage passes to the next: hidden states and the residual
 
     def __init__(self, hf_config: Any, tp: TPGroup = SINGLE, stage: Stage = WHOLE):
@@ -221,7 +222,9 @@ class LlamaForCausalLM(nn.Module):
         # A tied head on a later stage than the embedding has its own copy, loaded from the embedding's tensor.
         self.head_from_embedding = self.tie_word_embeddings and not stage.is_first
         tied = self.model.embed_tokens if self.tie_word_embeddings and stage.is_first else None
-        self.lm_head = LMHead(hf_config.vocab_size, hf_config.hidden_size, tied, tp) if stage.is_last else None
+        self.lm_head = (
+            LMHead(hf_config.vocab_size, hf_config.hidden_size, tied, tp) if stage.is_last and self.generates else None
+        )
         self.absent_prefixes = stage.absent(hf_config.num_hidden_layers, "model.layers.", first=("model.embed_tokens.",),
                                             last=("model.norm.", "lm_head."))
 
@@ -253,4 +256,23 @@ class LlamaForCausalLM(nn.Module):
 class Qwen2ForCausalLM(LlamaForCausalLM):
     """Qwen2 / Qwen2.5: a Llama with biases on the q/k/v projections."""
 
+    qkv_bias = True
+
+
+class LlamaForSequenceClassification(LlamaForCausalLM):
+    """A decoder scoring whole sequences (reward models, decoder rerankers: transformers' *ForSequenceClassification):
+    a linear `score` head on each sequence's last token instead of the LM head. Served by the pooling runner."""
+
+    generates = False
+
+    def __init__(self, hf_config: Any, tp: TPGroup = SINGLE):
+        super().__init__(hf_config, tp)
+        self.score = Linear(hf_config.hidden_size, hf_config.num_labels, bias=False)
+
+    def classify(self, hidden: torch.Tensor, cu_seqlens: list[int]) -> torch.Tensor:
+        """hidden [T, H] of a flat batch -> logits [B, num_labels] from each sequence's last token."""
+        return self.score(hidden[[end - 1 for end in cu_seqlens[1:]]])
+
+
+class Qwen2ForSequenceClassification(LlamaForSequenceClassification):
     qkv_bias = True

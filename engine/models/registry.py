@@ -26,6 +26,10 @@ ARCHITECTURES: dict[str, str] = {
     "BertForMaskedLM": _BERT,
     "BertForPreTraining": _BERT,
     "BertForSequenceClassification": "vdeploy_engine.models.bert:BertForSequenceClassification",
+    # Decoders with a score head (reward models, decoder rerankers), for the pooling runner.
+    "LlamaForSequenceClassification": "vdeploy_engine.models.llama:LlamaForSequenceClassification",
+    "MistralForSequenceClassification": "vdeploy_engine.models.llama:LlamaForSequenceClassification",
+    "Qwen2ForSequenceClassification": "vdeploy_engine.models.llama:Qwen2ForSequenceClassification",
 }
 
 # For configs that leave `architectures` out: the usual architecture of each model_type.
